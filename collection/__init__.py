@@ -1,0 +1,1 @@
+"""Collections of artworks on disk: the synthetic generator, importers, noun phrases, vocabularies."""

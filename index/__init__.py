@@ -1,0 +1,1 @@
+"""Vector search and feature storage. Speaks numpy arrays and integer ids only."""
