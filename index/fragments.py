@@ -7,6 +7,8 @@ extracted regions lying mostly inside it (containment >= 0.7), best scores first
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 CONTAINMENT = 0.7
@@ -62,3 +64,53 @@ def region_set_members(
     candidates = np.flatnonzero(inside)
     order = np.lexsort((candidates, -np.asarray(region_scores, dtype=np.float64)[candidates]))
     return candidates[order][:max_members]
+
+
+# Row kinds in a feature store record (see docs/ARCHITECTURE.md).
+WHOLE, EXTRACTED, ANNOTATION, GIVEN = 0, 1, 2, 3
+SOURCES = {WHOLE: "whole", EXTRACTED: "extracted", ANNOTATION: "annotation", GIVEN: "crop"}
+DEFAULT_MAX_MEMBERS = 8
+DEFAULT_WHOLE_TOP_K = 36
+
+
+@dataclass(frozen=True)
+class FragmentSpec:
+    """A fragment of one record: its box and the record rows forming its region set."""
+
+    box: np.ndarray  # (4,) xyxy, original pixels
+    source: str  # "whole" | "extracted" | "annotation" | "crop"
+    rows: np.ndarray  # (m,) int64 indices into the record; rows[0] is the box's own feature
+
+
+def fragments_of(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    kinds: np.ndarray,
+    *,
+    max_members: int = DEFAULT_MAX_MEMBERS,
+    whole_top_k: int = DEFAULT_WHOLE_TOP_K,
+) -> list[FragmentSpec]:
+    """Every fragment of one image's record, in record order.
+
+    The whole image (kind 0) gets its own row plus the ``whole_top_k`` best extracted regions:
+    coarse-grained retrieval. Every extracted, annotation or given box gets its own row plus
+    the extracted regions mostly inside it (:func:`region_set_members`).
+    """
+    kinds = np.asarray(kinds)
+    scores = np.asarray(scores, dtype=np.float64)
+    extracted = np.flatnonzero(kinds == EXTRACTED)
+    fragments = []
+    for row in range(len(kinds)):
+        kind = int(kinds[row])
+        if kind == WHOLE:
+            order = extracted[np.lexsort((extracted, -scores[extracted]))][:whole_top_k]
+            members = order
+        else:
+            local = region_set_members(
+                boxes[row], boxes[extracted], scores[extracted], max_members=max_members,
+                exclude=np.flatnonzero(extracted == row),
+            )
+            members = extracted[local]
+        rows = np.concatenate([[row], members]).astype(np.int64)
+        fragments.append(FragmentSpec(np.asarray(boxes[row], dtype=np.float32), SOURCES[kind], rows))
+    return fragments
