@@ -76,7 +76,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
         array = np.asarray(image, dtype=np.float64)
         low, high = float(array.min()), float(array.max())
         scale = 255.0 / (high - low) if high > low else 0.0
-        image = Image.fromarray(((array - low) * scale).astype(np.uint8), mode="L")
+        # rint: truncating would turn the brightest value 254.99... into 254
+        image = Image.fromarray(np.rint((array - low) * scale).astype(np.uint8), mode="L")
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("RGBA", "LA", "PA"):

@@ -1,0 +1,207 @@
+"""`artalign train-detector` and `artalign extract`: the region extractor's two commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collection.layout import Collection
+    from index.featurestore import FeatureStore
+    from models.regions import RegionExtractor
+
+log = logging.getLogger(__name__)
+
+SHARD_RECORDS = 256  # artworks per feature-store shard: an interruption loses at most these
+
+
+# Named here rather than imported from models.regions so that `artalign --help` does not load
+# torch; DetectorConfig validates the name and lists the choices when it is wrong.
+BACKBONE_HELP = (
+    "compact_fpn (default: small, trains from scratch on a CPU), resnet50_fpn_v2, "
+    "mobilenet_v3_large_fpn or mobilenet_v3_large_320_fpn"
+)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    train = subparsers.add_parser(
+        "train-detector",
+        help="train the region detector on a collection's annotation boxes",
+        description=(
+            "Train a Faster R-CNN region detector from scratch on the annotation boxes of a "
+            "collection's train split (class-agnostic: every box is an 'object', unless "
+            "--classes). After every epoch it reports mAP@0.5 on the val split and writes the "
+            "checkpoint (config + weights + training record) atomically to --out. Training stops "
+            "after --minutes or --epochs, whichever comes first. Example: artalign "
+            "train-detector --collection var/synth-2000 --out var/detector.pt --minutes 30"
+        ),
+    )
+    train.add_argument("--collection", type=Path, required=True, help="collection folder")
+    train.add_argument("--out", type=Path, required=True, help="checkpoint file to write")
+    train.add_argument("--minutes", type=float, default=30.0,
+                       help="time budget in minutes, counting the time of a resumed run (default %(default)s)")
+    train.add_argument("--epochs", type=int, default=1000,
+                       help="at most this many epochs (default %(default)s: the time budget decides)")
+    train.add_argument("--backbone", default="compact_fpn", help=f"network: {BACKBONE_HELP}")
+    train.add_argument("--image-size", type=int, default=256,
+                       help="the longer image side is resized to this (default %(default)s)")
+    train.add_argument("--batch-size", type=int, default=8, help="images per step (default %(default)s)")
+    train.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (default %(default)s)")
+    train.add_argument("--val-images", type=int, default=300,
+                       help="val images used for the per-epoch mAP (default %(default)s)")
+    train.add_argument("--resume", type=Path,
+                       help="continue from this detector checkpoint (its config wins over the options above)")
+    train.add_argument("--classes", action="store_true",
+                       help="one class per distinct annotation phrase instead of one 'object' class")
+    train.add_argument("--workers", type=int, default=1, help="image-loading processes (default %(default)s)")
+    train.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    train.add_argument("--threads", type=int, default=0,
+                       help="CPU threads for torch (default: one per core); on a machine shared with "
+                            "other work 1 is often several times faster than oversubscribing")
+    train.set_defaults(handler=run_train_detector)
+
+    extract = subparsers.add_parser(
+        "extract",
+        help="extract region boxes and features of every artwork into a feature store",
+        description=(
+            "Run the region detector over a collection in batches and append, per artwork (key = "
+            "artwork id): the whole image, the top-k detected regions and the artwork's "
+            "annotation boxes (ground truth), each with its raw feature, stored as float16. "
+            "Append-only and resumable: artworks already in the store are skipped, so rerun the "
+            "same command after an interruption. Example: artalign extract --collection "
+            "var/synth-2000 --detector var/detector.pt"
+        ),
+    )
+    extract.add_argument("--collection", type=Path, required=True, help="collection folder")
+    extract.add_argument("--detector", type=Path, required=True,
+                         help="detector checkpoint from train-detector, or with --torchvision-backbone "
+                              "a torchvision Faster R-CNN state dict")
+    extract.add_argument("--torchvision-backbone", metavar="BACKBONE",
+                         help="read --detector as a torchvision Faster R-CNN state dict (e.g. COCO "
+                              "weights fetched elsewhere) of this architecture: resnet50_fpn_v2, "
+                              "mobilenet_v3_large_fpn or mobilenet_v3_large_320_fpn")
+    extract.add_argument("--out", type=Path, help="feature store folder (default COLLECTION/features)")
+    extract.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default %(default)s)")
+    extract.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                         help="where to run (default %(default)s: the GPU when there is one, fp16)")
+    extract.add_argument("--engine", choices=["local", "ray"], default="local",
+                         help="local: in this process (default); ray: on a Ray cluster with Ray Data, "
+                              "writing the same feature store (pip install 'artalign[ray]'; the "
+                              "cluster chooses the device; see docs/SCALING.md)")
+    extract.add_argument("--address", help="with --engine ray: the Ray cluster to join, e.g. "
+                                           "ray://head:10001 (default: $RAY_ADDRESS, else a local one)")
+    extract.add_argument("--concurrency", type=int,
+                         help="with --engine ray: detector actors (default: one per GPU, else one per CPU but one)")
+    extract.add_argument("--threads", type=int, default=0,
+                         help="CPU threads for torch (default: one per core)")
+    extract.set_defaults(handler=run_extract)
+
+
+def run_train_detector(args: argparse.Namespace) -> int:
+    from collection.layout import Collection
+    from models.regions import DetectorConfig
+    from training.detector import TrainOptions, train_detector
+
+    collection = Collection.load(args.collection)
+    class_names = ["object"]
+    if args.classes:
+        class_names = sorted({a.phrase for art in collection.split("train") for a in art.annotations})
+        if not class_names:
+            raise ValueError(f"{args.collection}: --classes, but the train split has no annotations")
+    config = DetectorConfig(backbone=args.backbone, image_size=args.image_size, class_names=class_names)
+    options = TrainOptions(
+        minutes=args.minutes, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+        val_images=args.val_images, workers=args.workers, seed=args.seed, threads=args.threads,
+    )
+    record = train_detector(collection, args.out, config=config, options=options, resume=args.resume)
+    summary = {k: record.get(k) for k in ("backbone", "image_size", "epochs", "steps", "seconds", "val_map50")}
+    print(json.dumps(summary))
+    return 0
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    import torch
+
+    from collection.layout import Collection
+    from index.featurestore import FeatureStore
+    from models.regions import RegionExtractor
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but no CUDA device is available")
+    collection = Collection.load(args.collection)
+    if args.torchvision_backbone:
+        extractor = RegionExtractor.from_torchvision_weights(args.torchvision_backbone, args.detector, device)
+    else:
+        extractor = RegionExtractor.from_checkpoint(args.detector, device)
+    store = FeatureStore(args.out or collection.root / "features", dim=extractor.feature_dim,
+                         extractor=extractor.version)
+    if args.engine == "ray":
+        from training.ray_extract import DetectorSource, extract_collection_ray
+
+        detector = DetectorSource(str(args.detector.resolve()), args.torchvision_backbone)
+        counts = extract_collection_ray(collection, detector, store, address=args.address,
+                                        concurrency=args.concurrency, batch_size=args.batch_size)
+    elif args.address or args.concurrency:
+        raise ValueError("--address and --concurrency only apply to --engine ray")
+    else:
+        counts = extract_collection(collection, extractor, store, batch_size=args.batch_size)
+    print(json.dumps({"store": str(store.root), **counts}))
+    return 0
+
+
+def extract_collection(
+    collection: Collection, extractor: RegionExtractor, store: FeatureStore, *, batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Append every artwork of ``collection`` not yet in ``store``; returns counts.
+
+    An image that cannot be decoded is logged and skipped (the run goes on; rerunning tries
+    it again). Records are appended in shards of ``SHARD_RECORDS`` artworks.
+    """
+    from tqdm import tqdm
+
+    from collection.images import ImageError, load_image
+
+    todo = [a for a in collection.artworks if a.image is not None and not store.has(a.id)]
+    skipped_present = sum(1 for a in collection.artworks if store.has(a.id))
+    log.info("extracting %d artworks (%d already in %s)", len(todo), skipped_present, store.root)
+    pending: list = []
+    counts = {"extracted": 0, "already_present": skipped_present, "unreadable": 0, "rows": 0}
+    bar = tqdm(total=len(todo), desc="extracting", unit="image", disable=not progress)
+    for start in range(0, len(todo), batch_size):
+        chunk, images = [], []
+        for artwork in todo[start : start + batch_size]:
+            try:
+                images.append(load_image(collection.image_path(artwork)))
+                chunk.append(artwork)
+            except ImageError as exc:
+                log.warning("skipping %s: %s", artwork.id, exc)
+                counts["unreadable"] += 1
+        boxes = [[a.box for a in artwork.annotations] or None for artwork in chunk]
+        for artwork, record in zip(chunk, extractor.extract(images, extra_boxes=boxes), strict=True):
+            pending.append((artwork.id, record))
+        bar.update(len(todo[start : start + batch_size]))
+        if len(pending) >= SHARD_RECORDS:
+            counts["rows"] += _flush(store, pending)
+            counts["extracted"] += len(pending)
+            pending = []
+    if pending:
+        counts["rows"] += _flush(store, pending)
+        counts["extracted"] += len(pending)
+    bar.close()
+    log.info("feature store %s: %d artworks, %d rows of dim %s", store.root, len(store.keys()), len(store),
+             store.dim)
+    return counts
+
+
+def _flush(store: FeatureStore, pending: list) -> int:
+    spans = store.append_many(pending)
+    return sum(count for _, count in spans.values())

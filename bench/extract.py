@@ -1,0 +1,147 @@
+"""Region-extraction throughput per backbone, side by side, on the same images.
+
+    python -m bench.extract [--collection var/synth-2000] [--images 32] [--json PATH]
+                            [--detector var/detector.pt] [--setups compact_fpn@256 ...]
+
+Each setup is ``backbone@image_size``, built with random weights (throughput does not depend
+on the weights: the same proposals are pooled and the same NMS runs), or ``--detector`` for
+a trained checkpoint. Every setup extracts the same ``--images`` images through
+:meth:`RegionExtractor.extract` (whole image + top-k regions + features) after one warm-up
+batch. Reported: parameters, D_raw, images/s, ms/image, the ratio to the first setup, and the
+load average before and after (the numbers are only comparable on an otherwise idle machine).
+Prints a table and JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.scoring import write_json
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SETUPS = [
+    "compact_fpn@256",
+    "mobilenet_v3_large_320_fpn@320",
+    "mobilenet_v3_large_fpn@256",
+    "resnet50_fpn_v2@256",
+]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--collection", type=Path, default=Path("var/synth-2000"),
+                        help="take the first images of this collection (default %(default)s)")
+    parser.add_argument("--images", type=int, default=32, help="images timed per setup (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default %(default)s)")
+    parser.add_argument("--setups", nargs="+", default=DEFAULT_SETUPS, metavar="BACKBONE@SIZE",
+                        help="backbones with random weights at an image size (default %(default)s)")
+    parser.add_argument("--detector", type=Path, default=None,
+                        help="also time this trained detector checkpoint")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; 1 keeps timings steady on a shared machine (default %(default)s)")
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH",
+                        help="also write the JSON report here (atomically)")
+
+
+def run(options: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from collection.images import load_image
+    from collection.layout import Collection
+    from models.regions import DetectorConfig, RegionExtractor, build_detector
+
+    torch.set_num_threads(options.threads)
+    collection = Collection.load(options.collection)
+    artworks = [a for a in collection.artworks if a.image is not None][: options.images + options.batch_size]
+    images = [load_image(collection.image_path(a)) for a in artworks]
+    warmup, timed = images[: options.batch_size], images[options.batch_size :]
+    if not timed:
+        raise ValueError(f"{options.collection}: needs more than {options.batch_size} images")
+
+    extractors: list[tuple[str, Any]] = []
+    if options.detector is not None:
+        extractors.append((f"trained {options.detector.name}", lambda: RegionExtractor.from_checkpoint(options.detector)))
+    for setup in options.setups:
+        backbone, _, size = setup.partition("@")
+        config = DetectorConfig(backbone=backbone, image_size=int(size or 256))
+        extractors.append((setup, lambda config=config: RegionExtractor(build_detector(config), config, version="bench")))
+
+    load_before = os.getloadavg()[0]
+    rows = []
+    for name, make in extractors:
+        torch.manual_seed(0)
+        extractor = make()
+        extractor.extract(warmup)
+        regions = 0
+        started = time.perf_counter()
+        for start in range(0, len(timed), options.batch_size):
+            records = extractor.extract(timed[start : start + options.batch_size])
+            regions += sum(len(r) for r in records)
+        seconds = time.perf_counter() - started
+        rows.append({
+            "setup": name,
+            "backbone": extractor.config.backbone,
+            "image_size": extractor.config.image_size,
+            "params_m": round(sum(p.numel() for p in extractor.model.parameters()) / 1e6, 2),
+            "d_raw": extractor.feature_dim,
+            "images_per_s": round(len(timed) / seconds, 2),
+            "ms_per_image": round(1000 * seconds / len(timed), 1),
+            "regions_per_image": round(regions / len(timed), 1),
+        })
+        log.info("%s: %.2f images/s", name, rows[-1]["images_per_s"])
+    for row in rows:
+        row["speed_vs_first"] = round(row["images_per_s"] / rows[0]["images_per_s"], 2)
+    return {
+        "benchmark": "extract",
+        "images": len(timed),
+        "batch_size": options.batch_size,
+        "threads": options.threads,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "load_average_before": round(load_before, 2),
+                    "load_average_after": round(os.getloadavg()[0], 2)},
+        "rows": rows,
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    header = f"{'setup':34} {'params M':>8} {'D_raw':>6} {'img/s':>7} {'ms/img':>8} {'regions':>8} {'vs first':>8}"
+    lines = [header, "-" * len(header)]
+    for row in report["rows"]:
+        lines.append(
+            f"{row['setup']:34} {row['params_m']:8.2f} {row['d_raw']:6d} {row['images_per_s']:7.2f} "
+            f"{row['ms_per_image']:8.1f} {row['regions_per_image']:8.1f} {row['speed_vs_first']:8.2f}"
+        )
+    machine = report["machine"]
+    lines.append(
+        f"{report['images']} images, batch {report['batch_size']}, {report['threads']} thread(s), "
+        f"{machine['cpus']} CPUs, load average {machine['load_average_before']} -> {machine['load_average_after']}"
+    )
+    return "\n".join(lines)
+
+
+def main(options: argparse.Namespace) -> int:
+    """Run the benchmark, print the table and the JSON; write the JSON if asked."""
+    if options.images < 1 or options.batch_size < 1:
+        raise ValueError("--images and --batch-size must be at least 1")
+    report = run(options)
+    print(format_table(report))
+    print(json.dumps(report, indent=2))
+    if options.json is not None:
+        write_json(options.json, report)
+        log.info("wrote %s", options.json)
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m bench.extract", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.exit(main(parser.parse_args()))

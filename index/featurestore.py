@@ -1,0 +1,396 @@
+"""Raw region features on disk: append-only shards of .npy files plus one JSON manifest.
+
+Layout (see docs/ARCHITECTURE.md)::
+
+    <root>/manifest.json   {"version": 1, "dim": D_raw, "extractor": "<sha256>",
+                            "shards": [{"name", "rows", "keys": {key: [start, count]}}]}
+    <root>/shard-000000/   features.npy (n, D) float16, boxes.npy (n, 4) float32,
+                           scores.npy (n,) float32, kinds.npy (n,) int8
+
+``start`` in the manifest is a *global* row number: shards are numbered in append order and a
+row number never changes, so the database and the index can hold row numbers.
+
+Appending is crash safe: the new shard is written and fsynced in a hidden temporary folder,
+renamed to its final name, and only then is the manifest replaced (``os.replace``). A crash
+at any point leaves the previous manifest, which names only complete shards; an orphan shard
+left by a crash between the rename and the manifest replace is removed by the next append.
+Writers take turns through an advisory lock on ``<root>/.lock``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+ARRAYS = ("features", "boxes", "scores", "kinds")
+# float16 holds up to 65504; features of a ReLU MLP head stay far below, but a broken
+# extractor must not silently write inf.
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+class FeatureStoreError(ValueError):
+    """A feature store or a record that cannot be used; the message says which and why."""
+
+
+@dataclass
+class RegionRecord:
+    """The regions of one image.
+
+    boxes: (n, 4) float32 xyxy in original pixels; scores: (n,) float32 detector scores
+    (1.0 for the whole image and given boxes); features: (n, D) float (float16 when read
+    from a store, a memory-mapped view); kinds: (n,) int8, 0 whole image, 1 extracted region,
+    2 annotation box, 3 given box.
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    features: np.ndarray
+    kinds: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.boxes = np.asarray(self.boxes, dtype=np.float32)
+        self.scores = np.asarray(self.scores, dtype=np.float32)
+        self.kinds = np.asarray(self.kinds, dtype=np.int8)
+        if not np.issubdtype(np.asarray(self.features).dtype, np.floating):
+            self.features = np.asarray(self.features, dtype=np.float32)
+        n = len(self.kinds)
+        if self.boxes.shape != (n, 4):
+            raise FeatureStoreError(f"boxes have shape {self.boxes.shape}, expected ({n}, 4)")
+        if self.scores.shape != (n,):
+            raise FeatureStoreError(f"scores have shape {self.scores.shape}, expected ({n},)")
+        if self.kinds.ndim != 1:
+            raise FeatureStoreError(f"kinds have shape {self.kinds.shape}, expected (n,)")
+        if self.features.ndim != 2 or self.features.shape[0] != n:
+            raise FeatureStoreError(
+                f"features have shape {self.features.shape}, expected ({n}, D)"
+            )
+
+    def __len__(self) -> int:
+        return len(self.kinds)
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+
+class FeatureStore:
+    """Append-only, memory-mapped store of :class:`RegionRecord` s, one per key.
+
+    ``dim`` and ``extractor`` (the region extractor's version) are checked against an
+    existing store and recorded in a new one; the store itself is created on the first
+    append, so opening a path that does not exist yet is fine.
+    """
+
+    def __init__(
+        self, root: str | Path, dim: int | None = None, extractor: str | None = None
+    ) -> None:
+        self.root = Path(root)
+        self._manifest_path = self.root / MANIFEST
+        self._shards: list[dict] = []
+        self._dim = dim
+        self._extractor = extractor
+        self._index: dict[str, tuple[int, int]] = {}
+        self._shard_starts = np.zeros(0, dtype=np.int64)  # global row of each shard's first row
+        self._arrays: dict[str, dict[str, np.ndarray]] = {}  # shard name -> mmapped arrays
+        if self._manifest_path.exists():
+            self._load_manifest(dim, extractor)
+
+    # -- reading ------------------------------------------------------------------------
+
+    @property
+    def dim(self) -> int | None:
+        """D_raw, or None while the store is empty and no dim was given."""
+        return self._dim
+
+    @property
+    def extractor(self) -> str | None:
+        return self._extractor
+
+    def __len__(self) -> int:
+        return int(sum(shard["rows"] for shard in self._shards))
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._index
+
+    def has(self, key: str) -> bool:
+        return key in self._index
+
+    def keys(self) -> list[str]:
+        """Every key, in append order."""
+        return list(self._index)
+
+    def rows_of(self, key: str) -> tuple[int, int]:
+        """(global start row, row count) of ``key``."""
+        try:
+            return self._index[key]
+        except KeyError:
+            raise KeyError(f"{key!r} is not in the feature store {self.root}") from None
+
+    def get(self, key: str) -> RegionRecord:
+        """The record of ``key``; its features are a float16 memory-mapped view."""
+        start, count = self.rows_of(key)
+        shard = int(np.searchsorted(self._shard_starts, start, side="right") - 1)
+        arrays = self._open_shard(shard)
+        local = slice(start - int(self._shard_starts[shard]), start - int(self._shard_starts[shard]) + count)
+        return RegionRecord(
+            boxes=arrays["boxes"][local],
+            scores=arrays["scores"][local],
+            features=arrays["features"][local],
+            kinds=arrays["kinds"][local],
+        )
+
+    def features(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), D) float32 features of global ``rows``, in the order given."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        total = len(self)
+        if rows.size and (rows.min() < 0 or rows.max() >= total):
+            raise IndexError(f"row out of range 0..{total - 1} in feature store {self.root}")
+        out = np.empty((rows.size, self._dim or 0), dtype=np.float32)
+        shard_of_row = np.searchsorted(self._shard_starts, rows, side="right") - 1
+        # One fancy-index read per shard rather than one per row.
+        for shard in np.unique(shard_of_row):
+            where = np.flatnonzero(shard_of_row == shard)
+            local = rows[where] - self._shard_starts[shard]
+            out[where] = self._open_shard(int(shard))["features"][local]
+        return out
+
+    def iter_records(self) -> Iterator[tuple[str, RegionRecord]]:
+        """(key, record) for every key, in append order."""
+        for key in self._index:
+            yield key, self.get(key)
+
+    # -- writing ------------------------------------------------------------------------
+
+    def append(self, key: str, record: RegionRecord) -> tuple[int, int]:
+        """Append one record; see :meth:`append_many`."""
+        return self.append_many([(key, record)])[key]
+
+    def append_many(
+        self, items: Iterable[tuple[str, RegionRecord]]
+    ) -> dict[str, tuple[int, int]]:
+        """Append records as one new shard; returns each key's (global start, count).
+
+        Refuses (before writing anything) a key already present or repeated, a record whose
+        feature dim differs from the store's, and non-finite or float16-overflowing features.
+        """
+        items = list(items)
+        if not items:
+            return {}
+        self._check_items(items)
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self._lock():
+            # Another process may have appended since we opened: start from the disk state.
+            if self._manifest_path.exists():
+                self._load_manifest(self._dim, self._extractor)
+                self._check_items(items)
+            return self._write_shard(items)
+
+    def _check_items(self, items: list[tuple[str, RegionRecord]]) -> None:
+        seen: set[str] = set()
+        dim = self._dim
+        for key, record in items:
+            if not isinstance(key, str) or not key:
+                raise FeatureStoreError(f"feature store keys are non-empty strings, got {key!r}")
+            if key in self._index:
+                raise FeatureStoreError(
+                    f"key {key!r} is already in the feature store {self.root}; "
+                    "a key is stored once (skip keys that are present to resume)"
+                )
+            if key in seen:
+                raise FeatureStoreError(f"key {key!r} appears twice in one append")
+            seen.add(key)
+            if not isinstance(record, RegionRecord):
+                raise FeatureStoreError(f"record of {key!r} is a {type(record).__name__}, not a RegionRecord")
+            if len(record) == 0:
+                raise FeatureStoreError(f"record of {key!r} has no rows (expected at least the whole image)")
+            if dim is None:
+                dim = record.dim
+            elif record.dim != dim:
+                raise FeatureStoreError(
+                    f"record of {key!r} has features of dim {record.dim}, but the feature store "
+                    f"{self.root} holds dim {dim} (a different region extractor?)"
+                )
+            features = np.asarray(record.features, dtype=np.float32)
+            if not np.isfinite(features).all() or np.abs(features).max() > FLOAT16_MAX:
+                raise FeatureStoreError(
+                    f"record of {key!r} has non-finite features or features beyond float16's "
+                    f"range ±{FLOAT16_MAX:g}"
+                )
+
+    def _write_shard(self, items: list[tuple[str, RegionRecord]]) -> dict[str, tuple[int, int]]:
+        name = f"shard-{len(self._shards):06d}"
+        final = self.root / name
+        if final.exists():
+            # Left by a crash between the shard rename and the manifest replace: the manifest
+            # never referenced it, so nothing points at its rows.
+            log.warning("removing orphan shard %s left by an interrupted append", final)
+            shutil.rmtree(final)
+        for stale in self.root.glob(".tmp-shard-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+        start = len(self)
+        spans: dict[str, tuple[int, int]] = {}
+        offset = start
+        for key, record in items:
+            spans[key] = (offset, len(record))
+            offset += len(record)
+        arrays = {
+            "features": np.concatenate([np.asarray(r.features, dtype=np.float16) for _, r in items]),
+            "boxes": np.concatenate([r.boxes for _, r in items]),
+            "scores": np.concatenate([r.scores for _, r in items]),
+            "kinds": np.concatenate([r.kinds for _, r in items]),
+        }
+        tmp = self.root / f".tmp-shard-{uuid.uuid4().hex}"
+        tmp.mkdir()
+        for array_name, array in arrays.items():
+            with open(tmp / f"{array_name}.npy", "wb") as handle:
+                np.save(handle, np.ascontiguousarray(array))
+                handle.flush()
+                os.fsync(handle.fileno())
+        _fsync_dir(tmp)
+        os.rename(tmp, final)
+        _fsync_dir(self.root)
+
+        dim = int(arrays["features"].shape[1])
+        shard = {"name": name, "rows": offset - start, "keys": {k: list(v) for k, v in spans.items()}}
+        manifest = {
+            "version": FORMAT_VERSION,
+            "dim": dim,
+            "extractor": self._extractor,
+            "shards": [*self._shards, shard],
+        }
+        _write_json_atomic(self._manifest_path, manifest)
+        self._dim = dim
+        self._add_shard(shard)
+        log.debug("appended %d records (%d rows) to %s as %s", len(items), offset - start, self.root, name)
+        return spans
+
+    # -- manifest -----------------------------------------------------------------------
+
+    def _load_manifest(self, dim: int | None, extractor: str | None) -> None:
+        path = self._manifest_path
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise FeatureStoreError(f"{path}: corrupt feature store manifest ({exc})") from exc
+        if not isinstance(manifest, dict) or manifest.get("version") != FORMAT_VERSION:
+            raise FeatureStoreError(
+                f"{path}: not a version-{FORMAT_VERSION} feature store manifest "
+                f"(version {manifest.get('version') if isinstance(manifest, dict) else None!r})"
+            )
+        stored_dim = manifest.get("dim")
+        if not isinstance(stored_dim, int) or stored_dim < 1:
+            raise FeatureStoreError(f"{path}: field 'dim' must be a positive integer, got {stored_dim!r}")
+        if dim is not None and dim != stored_dim:
+            raise FeatureStoreError(
+                f"feature store {self.root} holds features of dim {stored_dim}, expected {dim}"
+            )
+        stored_extractor = manifest.get("extractor")
+        if extractor is not None and stored_extractor is not None and extractor != stored_extractor:
+            raise FeatureStoreError(
+                f"feature store {self.root} was written by region extractor {stored_extractor[:12]}…, "
+                f"not {extractor[:12]}…; use a new folder, or extract again with the same detector"
+            )
+        shards = manifest.get("shards")
+        if not isinstance(shards, list):
+            raise FeatureStoreError(f"{path}: field 'shards' must be a list")
+        self._dim = stored_dim
+        self._extractor = stored_extractor if stored_extractor is not None else extractor
+        self._shards = []
+        self._index = {}
+        self._shard_starts = np.zeros(0, dtype=np.int64)
+        self._arrays = {}
+        for number, shard in enumerate(shards):
+            self._check_shard_entry(number, shard)
+            self._add_shard(shard)
+
+    def _check_shard_entry(self, number: int, shard: object) -> None:
+        where = f"{self._manifest_path}: shards[{number}]"
+        if not isinstance(shard, dict) or not {"name", "rows", "keys"} <= shard.keys():
+            raise FeatureStoreError(f"{where} must have fields name, rows and keys")
+        if not isinstance(shard["rows"], int) or not isinstance(shard["keys"], dict):
+            raise FeatureStoreError(f"{where}: rows must be an integer and keys an object")
+        start = len(self)
+        covered = 0
+        for key, span in shard["keys"].items():
+            if not (isinstance(span, list) and len(span) == 2 and all(isinstance(v, int) for v in span)):
+                raise FeatureStoreError(f"{where}: key {key!r} must map to [start, count]")
+            if span[0] != start + covered or key in self._index:
+                raise FeatureStoreError(f"{where}: key {key!r} has an inconsistent row span {span}")
+            covered += span[1]
+        if covered != shard["rows"]:
+            raise FeatureStoreError(f"{where}: keys cover {covered} rows, the shard says {shard['rows']}")
+        if not (self.root / shard["name"]).is_dir():
+            raise FeatureStoreError(f"{where}: shard folder {self.root / shard['name']} is missing")
+
+    def _add_shard(self, shard: dict) -> None:
+        start = len(self)
+        self._shards.append(shard)
+        self._shard_starts = np.append(self._shard_starts, start)
+        for key, (key_start, count) in shard["keys"].items():
+            self._index[key] = (int(key_start), int(count))
+
+    def _open_shard(self, number: int) -> dict[str, np.ndarray]:
+        shard = self._shards[number]
+        arrays = self._arrays.get(shard["name"])
+        if arrays is None:
+            folder = self.root / shard["name"]
+            arrays = {}
+            for array_name in ARRAYS:
+                path = folder / f"{array_name}.npy"
+                try:
+                    arrays[array_name] = np.load(path, mmap_mode="r")
+                except (OSError, ValueError) as exc:
+                    raise FeatureStoreError(f"{path}: cannot read shard array ({exc})") from exc
+                if len(arrays[array_name]) != shard["rows"]:
+                    raise FeatureStoreError(
+                        f"{path}: has {len(arrays[array_name])} rows, the manifest says {shard['rows']}"
+                    )
+            if arrays["features"].shape[1:] != (self._dim,):
+                raise FeatureStoreError(
+                    f"{folder / 'features.npy'}: shape {arrays['features'].shape}, expected (n, {self._dim})"
+                )
+            self._arrays[shard["name"]] = arrays
+        return arrays
+
+    @contextmanager
+    def _lock(self) -> Iterator[None]:
+        with open(self.root / ".lock", "a") as handle:
+            # Blocks while another writer appends; the manifest is re-read once we hold it.
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, value: object) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w") as handle:
+        json.dump(value, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)

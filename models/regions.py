@@ -1,0 +1,478 @@
+"""The region extractor: Faster R-CNN boxes plus one raw feature per box (bottom-up features).
+
+An image goes in; out comes a :class:`~index.featurestore.RegionRecord`: region 0 is the whole
+image (kind 0, score 1.0), then at most ``top_k`` detected regions (kind 1) after
+class-agnostic NMS, then optionally given boxes (kind 2 annotations, kind 3 an uploaded crop's
+own box). Every row's feature is the box head's representation (``D_raw``, the output of
+``TwoMLPHead`` or its conv variant) pooled at that exact box, so a detected region, an
+annotation box and the whole image are described the same way.
+
+Backbones: our own ``compact_fpn`` (default; small enough to train from scratch on a CPU)
+and torchvision's ``resnet50_fpn_v2``, ``mobilenet_v3_large_fpn`` and
+``mobilenet_v3_large_320_fpn``, built with ``weights=None`` so their state dicts are in
+torchvision's format (official COCO weights downloaded elsewhere load into them). Nothing is
+ever downloaded here.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from torch import Tensor, nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops import boxes as box_ops
+
+from index.featurestore import RegionRecord
+from models.checkpoint import CheckpointError, file_sha256, load_checkpoint
+
+TORCHVISION_BACKBONES = {
+    "resnet50_fpn_v2": torchvision.models.detection.fasterrcnn_resnet50_fpn_v2,
+    "mobilenet_v3_large_fpn": torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn,
+    "mobilenet_v3_large_320_fpn": torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn,
+}
+BACKBONES = ("compact_fpn", *TORCHVISION_BACKBONES)
+CHECKPOINT_KIND = "detector"
+WHOLE, EXTRACTED, ANNOTATION, GIVEN = 0, 1, 2, 3  # RegionRecord kinds
+FILL_NMS = 0.7  # IoU of the looser NMS that min_k is topped up from (the RPN's own threshold)
+
+
+@dataclass
+class DetectorConfig:
+    """Everything needed to rebuild a detector; saved inside its checkpoint."""
+
+    backbone: str = "compact_fpn"
+    image_size: int = 256  # the longer image side is resized to this before detection
+    class_names: list[str] = field(default_factory=lambda: ["object"])  # class-agnostic by default
+    top_k: int = 36  # at most this many detected regions per image
+    min_k: int = 10  # at least this many, filled from the best remaining proposals
+    score_threshold: float = 0.2  # a detected region needs this score to count toward top_k
+    nms_threshold: float = 0.3  # class-agnostic NMS between detected regions (IoU)
+    proposals: int = 150  # RPN proposals kept per image at inference (after NMS)
+    # ... and in training: torchvision's 2000 is sized for 800 px COCO images; here NMS and
+    # indexing over that many proposals cost more CPU time than the convolutions.
+    train_proposals: int = 300
+    representation_size: int = 512  # D_raw for compact_fpn; torchvision heads fix it at 1024
+    # compact_fpn only: FPN width, anchor sizes (px in the resized image) per level at strides
+    # 8/16/32, and anchor aspect ratios (h/w): motifs and inscription bands are often wide.
+    fpn_channels: int = 64
+    anchor_sizes: list[list[int]] = field(default_factory=lambda: [[16, 24], [32, 48], [64, 128]])
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0])
+    box_batch_size_per_image: int = 128
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
+        if not self.class_names:
+            raise ValueError("class_names must name at least one object class")
+        if not 0 <= self.min_k <= self.top_k:
+            raise ValueError(f"need 0 <= min_k <= top_k, got min_k={self.min_k}, top_k={self.top_k}")
+        if self.image_size < 32:
+            raise ValueError(f"image_size must be at least 32 px, got {self.image_size}")
+
+    @property
+    def num_classes(self) -> int:
+        """Object classes, without the background class."""
+        return len(self.class_names)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DetectorConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown detector config fields: {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+
+# -- the compact backbone ---------------------------------------------------------------------
+
+
+def _conv_bn(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),  # trainable: we train from scratch, not fine-tune
+        nn.ReLU(inplace=True),
+    )
+
+
+class CompactFPNBackbone(nn.Module):
+    """Five conv stages (strides 2..32, widths 16..192) and an FPN on strides 8/16/32.
+
+    Small enough to train from scratch on a CPU in tens of minutes; the FPN keeps small
+    motifs (~16 px) on the stride-8 level where torchvision's mobilenet FPNs start at 32.
+    """
+
+    widths = (16, 32, 64, 128, 192)
+
+    def __init__(self, fpn_channels: int) -> None:
+        super().__init__()
+        stages = []
+        in_channels = 3
+        for width in self.widths:
+            stages.append(nn.Sequential(_conv_bn(in_channels, width, 2), _conv_bn(width, width, 1)))
+            in_channels = width
+        self.stages = nn.ModuleList(stages)
+        self.fpn = FeaturePyramidNetwork(list(self.widths[2:]), fpn_channels)
+        self.out_channels = fpn_channels
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        # x: (b, 3, H, W) -> levels "0", "1", "2": (b, C, H/8, W/8), (H/16), (H/32)
+        levels = OrderedDict()
+        for number, stage in enumerate(self.stages):
+            x = stage(x)
+            if number >= 2:
+                levels[str(number - 2)] = x
+        return self.fpn(levels)
+
+
+def build_detector(config: DetectorConfig) -> FasterRCNN:
+    """A Faster R-CNN for ``config``, randomly initialised (trainable BatchNorm throughout)."""
+    common = dict(
+        min_size=config.image_size,
+        max_size=config.image_size,
+        rpn_pre_nms_top_n_test=max(1000, config.proposals),
+        rpn_post_nms_top_n_test=config.proposals,
+        rpn_pre_nms_top_n_train=2 * config.train_proposals,
+        rpn_post_nms_top_n_train=config.train_proposals,
+        box_batch_size_per_image=config.box_batch_size_per_image,
+        box_nms_thresh=config.nms_threshold,
+        box_detections_per_img=config.top_k,
+    )
+    if config.backbone in TORCHVISION_BACKBONES:
+        # weights=None and weights_backbone=None: torchvision then uses nn.BatchNorm2d and
+        # makes every layer trainable (FrozenBatchNorm2d is only for fine-tuning).
+        return TORCHVISION_BACKBONES[config.backbone](
+            weights=None, weights_backbone=None, num_classes=config.num_classes + 1, **common
+        )
+    backbone = CompactFPNBackbone(config.fpn_channels)
+    sizes = tuple(tuple(level) for level in config.anchor_sizes)
+    if len(sizes) != 3 or len({len(level) for level in sizes}) != 1:
+        raise ValueError("compact_fpn needs anchor_sizes for 3 levels, the same count on each")
+    anchors = AnchorGenerator(sizes, (tuple(config.aspect_ratios),) * len(sizes))
+    roi_pool = MultiScaleRoIAlign(["0", "1", "2"], output_size=7, sampling_ratio=2)
+    box_head = TwoMLPHead(backbone.out_channels * 7 * 7, config.representation_size)
+    predictor = FastRCNNPredictor(config.representation_size, config.num_classes + 1)
+    return FasterRCNN(
+        backbone,
+        num_classes=None,
+        rpn_anchor_generator=anchors,
+        box_roi_pool=roi_pool,
+        box_head=box_head,
+        box_predictor=predictor,
+        **common,
+    )
+
+
+def resize_for_detection(image: Image.Image, image_size: int) -> tuple[Image.Image, float, float]:
+    """``image`` with its longer side resized to ``image_size``; and the x, y factors that
+    take boxes from the resized image back to original pixels."""
+    width, height = image.size
+    scale = image_size / max(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    resized = image if size == (width, height) else image.resize(size, Image.Resampling.BILINEAR)
+    return resized, width / size[0], height / size[1]
+
+
+def to_tensor(image: Image.Image) -> Tensor:
+    """(3, H, W) float in [0, 1] from an RGB PIL image."""
+    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+# -- the extractor -----------------------------------------------------------------------------
+
+
+@dataclass
+class Detections:
+    """Detections on one image, best first: boxes (n, 4) xyxy original pixels, scores (n,),
+    labels (n,) 0-based object class."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+
+
+class RegionExtractor:
+    """Boxes and box-head features for images, with a fixed detector in eval mode."""
+
+    def __init__(
+        self, model: FasterRCNN, config: DetectorConfig, *, version: str, device: str | torch.device = "cpu"
+    ) -> None:
+        self.config = config
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.version = version
+        # Mixed precision only where it pays off; CPU stays float32 (and deterministic).
+        self.autocast = self.device.type == "cuda"
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> RegionExtractor:
+        """A detector trained by ``artalign train-detector`` (a kind="detector" checkpoint)."""
+        checkpoint = load_checkpoint(path, kind=CHECKPOINT_KIND)
+        try:
+            config = DetectorConfig.from_dict(checkpoint.config)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: bad detector config ({exc})") from exc
+        model = build_detector(config)
+        _load_state(model, checkpoint.state_dict, path, config.backbone)
+        return cls(model, config, version=checkpoint.sha256, device=device)
+
+    @classmethod
+    def from_torchvision_weights(
+        cls,
+        backbone: str,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        config: DetectorConfig | None = None,
+    ) -> RegionExtractor:
+        """A torchvision-format Faster R-CNN state dict (e.g. official COCO weights fetched
+        elsewhere) for one of the torchvision backbones. The number of classes is read from
+        the file; regions are scored class-agnostically by their best object class."""
+        path = Path(path)
+        if backbone not in TORCHVISION_BACKBONES:
+            raise ValueError(
+                f"{backbone!r} is not a torchvision backbone; choose one of {', '.join(TORCHVISION_BACKBONES)}"
+            )
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: weights file not found (expected a {backbone} state dict)")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for a file that is not a state dict
+            raise CheckpointError(f"{path}: not a torch state dict ({exc})") from exc
+        if isinstance(state, dict) and isinstance(state.get("model"), dict):
+            state = state["model"]  # torchvision reference-script checkpoints wrap it
+        if not isinstance(state, dict) or "roi_heads.box_predictor.cls_score.weight" not in state:
+            raise CheckpointError(
+                f"{path}: not a torchvision Faster R-CNN state dict for {backbone} "
+                "(no roi_heads.box_predictor.cls_score.weight)"
+            )
+        num_classes = int(state["roi_heads.box_predictor.cls_score.weight"].shape[0]) - 1
+        base = config or DetectorConfig(backbone=backbone)
+        values = {**base.to_dict(), "backbone": backbone}
+        if len(values["class_names"]) != num_classes:
+            values["class_names"] = [f"class-{i + 1}" for i in range(num_classes)]
+        config = DetectorConfig.from_dict(values)
+        model = build_detector(config)
+        _load_state(model, state, path, backbone)
+        return cls(model, config, version=file_sha256(path), device=device)
+
+    @property
+    def feature_dim(self) -> int:
+        """D_raw: the box head's representation size."""
+        predictor = self.model.roi_heads.box_predictor
+        return int(predictor.cls_score.in_features)
+
+    # -- public API ---------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def extract(
+        self, images: list[Image.Image], *, extra_boxes: list[np.ndarray | None] | None = None,
+        extra_kind: int = ANNOTATION,
+    ) -> list[RegionRecord]:
+        """Per image: the whole image, then the top-k detected regions, then ``extra_boxes``
+        (original pixels, kind ``extra_kind``) pooled from the same feature maps.
+
+        An image where nothing is found gets the whole-image region alone (and the extra
+        boxes), never an error.
+        """
+        if extra_boxes is not None and len(extra_boxes) != len(images):
+            raise ValueError(f"extra_boxes has {len(extra_boxes)} entries for {len(images)} images")
+        if not images:
+            return []
+        batch = self._prepare(images)
+        with self._autocast():
+            features, image_list = self._features(batch.tensors)
+            image_sizes = image_list.image_sizes
+            detections = self._detect(features, image_list)
+            records = []
+            pooled_boxes = []
+            for i, (boxes, scores, _, n_detected) in enumerate(detections):
+                keep = self._select(scores, n_detected)
+                whole = torch.tensor([[0.0, 0.0, image_sizes[i][1], image_sizes[i][0]]], device=self.device)
+                extra = self._to_resized(extra_boxes[i] if extra_boxes else None, batch.factors[i])
+                pooled_boxes.append(torch.cat([whole, boxes[keep].float(), extra]))
+                records.append((scores[keep], len(extra)))
+            pooled = self._pool(features, pooled_boxes, image_sizes)
+        out = []
+        for i, ((scores, n_extra), boxes, feats) in enumerate(zip(records, pooled_boxes, pooled, strict=True)):
+            n_det = len(scores)
+            out.append(
+                RegionRecord(
+                    boxes=self._to_original(boxes, batch.factors[i], images[i].size),
+                    scores=np.concatenate([[1.0], scores.float().cpu().numpy(), np.ones(n_extra)]),
+                    features=feats.float().cpu().numpy(),
+                    kinds=np.array([WHOLE] + [EXTRACTED] * n_det + [extra_kind] * n_extra),
+                )
+            )
+        return out
+
+    @torch.inference_mode()
+    def pool(self, image: Image.Image, boxes: np.ndarray, kind: int = ANNOTATION) -> RegionRecord:
+        """Features for given ``boxes`` (n, 4) xyxy in original pixels (annotation boxes, an
+        uploaded crop's own box); scores are 1.0. No detection, no whole-image row."""
+        batch = self._prepare([image])
+        with self._autocast():
+            features, image_list = self._features(batch.tensors)
+            resized = self._to_resized(boxes, batch.factors[0])
+            pooled = self._pool(features, [resized], image_list.image_sizes)[0]
+        return RegionRecord(
+            boxes=self._to_original(resized, batch.factors[0], image.size),
+            scores=np.ones(len(resized)),
+            features=pooled.float().cpu().numpy(),
+            kinds=np.full(len(resized), kind),
+        )
+
+    @torch.inference_mode()
+    def detect(self, images: list[Image.Image]) -> list[Detections]:
+        """Detections after class-agnostic NMS, best first, at most ``top_k`` per image, with no
+        score threshold (for average precision); boxes in original pixels."""
+        batch = self._prepare(images)
+        with self._autocast():
+            features, image_list = self._features(batch.tensors)
+            detections = self._detect(features, image_list)
+        out = []
+        for i, (boxes, scores, labels, n_detected) in enumerate(detections):
+            count = min(n_detected, self.config.top_k)
+            out.append(Detections(
+                boxes=self._to_original(boxes[:count], batch.factors[i], images[i].size),
+                scores=scores[:count].float().cpu().numpy(),
+                labels=labels[:count].cpu().numpy(),
+            ))
+        return out
+
+    # -- the steps ----------------------------------------------------------------------
+
+    @dataclass
+    class _Batch:
+        tensors: list[Tensor]  # each (3, h, w), longer side = image_size
+        factors: list[tuple[float, float]]  # resized -> original pixel factors (x, y)
+
+    def _prepare(self, images: list[Image.Image]) -> RegionExtractor._Batch:
+        tensors, factors = [], []
+        for image in images:
+            resized, fx, fy = resize_for_detection(image, self.config.image_size)
+            tensors.append(to_tensor(resized).to(self.device))
+            factors.append((fx, fy))
+        return self._Batch(tensors, factors)
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.float16, enabled=self.autocast)
+
+    def _features(self, tensors: list[Tensor]) -> tuple[OrderedDict[str, Tensor], ImageList]:
+        # The images are already at image_size, so the transform only normalises and pads
+        # (to a multiple of 32) into one (b, 3, H, W) batch.
+        image_list, _ = self.model.transform(tensors)
+        features = self.model.backbone(image_list.tensors)
+        if isinstance(features, Tensor):
+            features = OrderedDict([("0", features)])
+        return features, image_list
+
+    def _detect(
+        self, features: OrderedDict[str, Tensor], image_list: ImageList
+    ) -> list[tuple[Tensor, Tensor, Tensor, int]]:
+        """Per image: (boxes (n, 4) in resized pixels, scores (n,), labels (n,), n_detected).
+
+        The first ``n_detected`` rows survive class-agnostic NMS at ``nms_threshold``, best
+        first: the detections. After them, best first, come the boxes that only a looser NMS
+        (``FILL_NMS``) keeps: on a trained detector many proposals collapse onto the same few
+        motifs, and these are what ``min_k`` is topped up from.
+        """
+        proposals, _ = self.model.rpn(image_list, features)
+        image_sizes = image_list.image_sizes
+        heads = self.model.roi_heads
+        box_features = heads.box_head(heads.box_roi_pool(features, proposals, image_sizes))
+        class_logits, box_regression = heads.box_predictor(box_features)
+        # (P, num_classes + 1, 4) decoded boxes; (P, num_classes + 1) probabilities
+        decoded = heads.box_coder.decode(box_regression, proposals)
+        probabilities = torch.softmax(class_logits.float(), dim=-1)
+        out = []
+        for boxes, probs, size in zip(
+            decoded.split([len(p) for p in proposals]),
+            probabilities.split([len(p) for p in proposals]),
+            image_sizes,
+            strict=True,
+        ):
+            # Class-agnostic: each proposal is scored by its best object class (column 0 is
+            # background) and keeps that class's refined box.
+            scores, labels = probs[:, 1:].max(dim=1)
+            boxes = boxes[torch.arange(len(boxes), device=boxes.device), labels + 1].float()
+            boxes = box_ops.clip_boxes_to_image(boxes, size)
+            valid = box_ops.remove_small_boxes(boxes, min_size=1.0)
+            boxes, scores, labels = boxes[valid], scores[valid], labels[valid]
+            strict = box_ops.nms(boxes, scores, self.config.nms_threshold)  # sorted by score
+            loose = box_ops.nms(boxes, scores, FILL_NMS)
+            fill = loose[~torch.isin(loose, strict)]
+            keep = torch.cat([strict, fill])
+            out.append((boxes[keep], scores[keep], labels[keep], len(strict)))
+        return out
+
+    def _select(self, scores: Tensor, n_detected: int) -> Tensor:
+        """Indices into ``_detect``'s rows to keep: the detections over the threshold (a prefix,
+        as they are sorted), at most top_k, topped up to min_k with the best rows after them."""
+        passing = int((scores[:n_detected] >= self.config.score_threshold).sum())
+        count = min(max(passing, self.config.min_k), self.config.top_k, len(scores))
+        return torch.arange(count, device=scores.device)
+
+    def _pool(
+        self, features: OrderedDict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]
+    ) -> list[Tensor]:
+        """The box head's representation for each box: list of (n_i, D_raw)."""
+        heads = self.model.roi_heads
+        counts = [len(b) for b in boxes]
+        if sum(counts) == 0:
+            return [torch.zeros((0, self.feature_dim), device=self.device) for _ in boxes]
+        # (sum n_i, D_raw)
+        representation = heads.box_head(heads.box_roi_pool(features, boxes, image_sizes))
+        return list(representation.split(counts))
+
+    def _to_resized(self, boxes: np.ndarray | None, factors: tuple[float, float]) -> Tensor:
+        if boxes is None:
+            return torch.zeros((0, 4), device=self.device)
+        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        scale = np.array([factors[0], factors[1], factors[0], factors[1]], dtype=np.float32)
+        return torch.from_numpy(boxes / scale).to(self.device)
+
+    @staticmethod
+    def _to_original(boxes: Tensor, factors: tuple[float, float], size: tuple[int, int]) -> np.ndarray:
+        scale = np.array([factors[0], factors[1], factors[0], factors[1]], dtype=np.float32)
+        out = boxes.float().cpu().numpy().reshape(-1, 4) * scale
+        width, height = size
+        return np.clip(out, 0, [width, height, width, height]).astype(np.float32)
+
+
+def _load_state(model: nn.Module, state: dict[str, Tensor], path: str | Path, backbone: str) -> None:
+    """Load ``state`` into ``model`` strictly, naming the file and the expected backbone."""
+    expected = model.state_dict()
+    # Weights saved from FrozenBatchNorm2d models (torchvision's fine-tuning default, as in the
+    # official COCO files) lack BatchNorm's step counter; it does not affect inference.
+    state = dict(state)
+    for name in expected:
+        if name.endswith("num_batches_tracked") and name not in state:
+            state[name] = torch.zeros((), dtype=torch.long)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = sorted(
+        name for name in set(expected) & set(state) if tuple(expected[name].shape) != tuple(state[name].shape)
+    )
+    if missing or unexpected or wrong_shape:
+        details = []
+        for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+            if names:
+                details.append(f"{len(names)} {label} (e.g. {', '.join(names[:3])})")
+        raise CheckpointError(
+            f"{path}: weights do not fit a {backbone} Faster R-CNN: {'; '.join(details)}"
+        )
+    model.load_state_dict(state)

@@ -1,0 +1,182 @@
+"""The feature store: round trip, global rows, float16 storage, atomic appends, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from index import featurestore
+from index.featurestore import FeatureStore, FeatureStoreError, RegionRecord
+
+DIM = 6
+
+
+def make_record(n: int, seed: int, dim: int = DIM) -> RegionRecord:
+    rng = np.random.default_rng(seed)
+    corners = rng.uniform(0, 100, size=(n, 2))
+    sizes = rng.uniform(1, 50, size=(n, 2))
+    return RegionRecord(
+        boxes=np.concatenate([corners, corners + sizes], axis=1),
+        scores=rng.uniform(0, 1, size=n),
+        features=rng.normal(0, 3, size=(n, dim)),
+        kinds=np.array([0] + [1] * (n - 1)),
+    )
+
+
+def test_round_trip_across_shards_and_reopen(tmp_path):
+    store = FeatureStore(tmp_path / "fs", extractor="abc123")
+    assert len(store) == 0 and store.keys() == [] and store.dim is None
+    first = {"a": make_record(3, 1), "b": make_record(5, 2)}
+    second = {"c": make_record(1, 3)}
+    spans = store.append_many(first.items())
+    assert spans == {"a": (0, 3), "b": (3, 5)}
+    assert store.append("c", second["c"]) == (8, 1)
+
+    reopened = FeatureStore(tmp_path / "fs")
+    assert len(reopened) == 9 and reopened.dim == DIM and reopened.extractor == "abc123"
+    assert reopened.keys() == ["a", "b", "c"]
+    assert reopened.has("b") and not reopened.has("z")
+    for key, record in {**first, **second}.items():
+        got = reopened.get(key)
+        np.testing.assert_array_equal(got.boxes, record.boxes.astype(np.float32))
+        np.testing.assert_array_equal(got.scores, record.scores.astype(np.float32))
+        np.testing.assert_array_equal(got.kinds, record.kinds)
+        assert got.boxes.dtype == np.float32 and got.kinds.dtype == np.int8
+        # features come back as a float16 memory-mapped view, equal to the float16 rounding
+        assert got.features.dtype == np.float16
+        assert isinstance(got.features.base, np.memmap) or isinstance(got.features, np.memmap)
+        np.testing.assert_array_equal(got.features, record.features.astype(np.float16))
+
+
+def test_float16_storage_is_close_and_half_the_size(tmp_path):
+    record = make_record(40, 4, dim=64)
+    store = FeatureStore(tmp_path)
+    store.append("k", record)
+    stored = np.load(tmp_path / "shard-000000" / "features.npy")
+    assert stored.dtype == np.float16 and stored.shape == (40, 64)
+    np.testing.assert_allclose(store.get("k").features.astype(np.float32), record.features, rtol=1e-3, atol=1e-3)
+    with pytest.raises(FeatureStoreError, match="float16"):
+        store.append("huge", RegionRecord(
+            boxes=np.zeros((1, 4)), scores=[1.0], features=np.full((1, 64), 1e6), kinds=[0]))
+
+
+def test_global_rows_map_to_the_right_features_in_any_order(tmp_path):
+    store = FeatureStore(tmp_path)
+    records = {f"k{i}": make_record(i + 1, i) for i in range(4)}
+    for key, record in records.items():  # four shards
+        store.append(key, record)
+    everything = np.concatenate([r.features.astype(np.float16) for r in records.values()]).astype(np.float32)
+    rows = np.array([9, 0, 3, 3, 8, 1])
+    got = store.features(rows)
+    assert got.dtype == np.float32 and got.shape == (6, DIM)
+    np.testing.assert_array_equal(got, everything[rows])
+    start, count = store.rows_of("k2")
+    np.testing.assert_array_equal(store.features(np.arange(start, start + count)), store.get("k2").features.astype(np.float32))
+    with pytest.raises(IndexError, match="out of range"):
+        store.features(np.array([len(store)]))
+
+
+def test_present_or_repeated_key_and_dim_mismatch_are_refused_before_writing(tmp_path):
+    store = FeatureStore(tmp_path, extractor="sha-of-detector-1")
+    store.append("a", make_record(2, 1))
+    with pytest.raises(FeatureStoreError, match="'a' is already in"):
+        store.append_many([("b", make_record(1, 2)), ("a", make_record(1, 3))])
+    with pytest.raises(FeatureStoreError, match="appears twice"):
+        store.append_many([("c", make_record(1, 2)), ("c", make_record(1, 3))])
+    with pytest.raises(FeatureStoreError, match="dim 9.*holds dim 6"):
+        store.append("d", make_record(1, 2, dim=9))
+    assert store.keys() == ["a"] and not (tmp_path / "shard-000001").exists()
+    with pytest.raises(FeatureStoreError, match="dim 6, expected 8"):
+        FeatureStore(tmp_path, dim=8)
+    with pytest.raises(FeatureStoreError, match="written by region extractor sha-of-detec"):
+        FeatureStore(tmp_path, extractor="sha-of-detector-2")
+    assert FeatureStore(tmp_path, extractor="sha-of-detector-1").keys() == ["a"]
+
+
+def test_crash_between_shard_rename_and_manifest_leaves_old_state_and_rerun_completes(tmp_path, monkeypatch):
+    store = FeatureStore(tmp_path)
+    store.append("a", make_record(2, 1))
+    manifest_before = (tmp_path / "manifest.json").read_text()
+
+    def crash(path, value):
+        raise OSError("simulated power cut")
+
+    monkeypatch.setattr(featurestore, "_write_json_atomic", crash)
+    with pytest.raises(OSError, match="power cut"):
+        store.append_many([("b", make_record(3, 2)), ("c", make_record(1, 3))])
+    monkeypatch.undo()
+    assert (tmp_path / "shard-000001").is_dir()  # the shard was renamed into place
+    assert (tmp_path / "manifest.json").read_text() == manifest_before
+
+    after_crash = FeatureStore(tmp_path)
+    assert after_crash.keys() == ["a"] and len(after_crash) == 2
+    np.testing.assert_array_equal(after_crash.get("a").kinds, [0, 1])
+
+    todo = [(k, r) for k, r in [("a", None), ("b", make_record(3, 2)), ("c", make_record(1, 3))]
+            if not after_crash.has(k)]
+    assert after_crash.append_many(todo) == {"b": (2, 3), "c": (5, 1)}
+    final = FeatureStore(tmp_path)
+    assert final.keys() == ["a", "b", "c"] and len(final) == 6
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "manifest.json", "shard-000000", "shard-000001"]
+
+
+def test_crash_while_writing_the_shard_leaves_only_a_hidden_temp_folder(tmp_path, monkeypatch):
+    store = FeatureStore(tmp_path)
+    store.append("a", make_record(2, 1))
+    real_save = np.save
+    calls = []
+
+    def failing_save(handle, array):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        real_save(handle, array)
+
+    monkeypatch.setattr(featurestore.np, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        store.append("b", make_record(2, 2))
+    monkeypatch.undo()
+    assert not (tmp_path / "shard-000001").exists()
+    assert FeatureStore(tmp_path).keys() == ["a"]
+    store = FeatureStore(tmp_path)
+    store.append("b", make_record(2, 2))
+    assert not list(tmp_path.glob(".tmp-shard-*"))  # stale temp folders are cleaned up
+    assert FeatureStore(tmp_path).keys() == ["a", "b"]
+
+
+def test_corrupt_manifest_and_missing_shard_name_the_problem(tmp_path):
+    store = FeatureStore(tmp_path)
+    store.append("a", make_record(2, 1))
+    manifest = tmp_path / "manifest.json"
+    good = manifest.read_text()
+
+    manifest.write_text(good[: len(good) // 2])
+    with pytest.raises(FeatureStoreError, match="manifest.json: corrupt feature store manifest"):
+        FeatureStore(tmp_path)
+
+    broken = json.loads(good)
+    broken["shards"][0]["rows"] = 5
+    manifest.write_text(json.dumps(broken))
+    with pytest.raises(FeatureStoreError, match=r"shards\[0\]: keys cover 2 rows, the shard says 5"):
+        FeatureStore(tmp_path)
+
+    broken = json.loads(good)
+    broken["shards"][0]["name"] = "shard-999999"
+    manifest.write_text(json.dumps(broken))
+    with pytest.raises(FeatureStoreError, match="shard-999999 is missing"):
+        FeatureStore(tmp_path)
+
+    manifest.write_text(good)
+    (tmp_path / "shard-000000" / "scores.npy").write_bytes(b"not numpy")
+    with pytest.raises(FeatureStoreError, match="scores.npy: cannot read"):
+        FeatureStore(tmp_path).get("a")
+
+
+def test_record_shapes_are_checked():
+    with pytest.raises(FeatureStoreError, match=r"boxes have shape \(2, 3\)"):
+        RegionRecord(np.zeros((2, 3)), np.zeros(2), np.zeros((2, 4)), np.zeros(2))
+    with pytest.raises(FeatureStoreError, match="features have shape"):
+        RegionRecord(np.zeros((2, 4)), np.zeros(2), np.zeros((3, 4)), np.zeros(2))

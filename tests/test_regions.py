@@ -1,0 +1,360 @@
+"""The region extractor, its weights, detector training and AP, and `artalign extract`."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image, ImageDraw
+
+from app.cli import main as cli_main
+from app.cli import regions as cli_regions
+from collection.layout import Annotation, Artwork, Collection, CollectionWriter
+from index.featurestore import FeatureStore
+from models.checkpoint import CheckpointError, save_checkpoint
+from models.regions import (
+    DetectorConfig,
+    RegionExtractor,
+    build_detector,
+    resize_for_detection,
+    to_tensor,
+)
+from training.detector import (
+    TrainOptions,
+    average_precision,
+    mean_average_precision,
+    train_detector,
+)
+
+TINY = dict(
+    image_size=64, fpn_channels=32, representation_size=64, proposals=40, top_k=6, min_k=3,
+    anchor_sizes=[[8, 12], [16, 24], [32, 48]], box_batch_size_per_image=32,
+)
+COLOURS = {"red": (220, 40, 30), "blue": (30, 60, 210), "green": (40, 170, 60)}
+
+
+def tiny_extractor(seed: int = 0, **overrides) -> RegionExtractor:
+    torch.manual_seed(seed)
+    config = DetectorConfig(**{**TINY, **overrides})
+    return RegionExtractor(build_detector(config), config, version="test")
+
+
+def motif_image(size: tuple[int, int], seed: int) -> tuple[Image.Image, list[Annotation]]:
+    """A textured background with 1-3 coloured shapes; the shapes are the annotations."""
+    rng = random.Random(seed)
+    width, height = size
+    noise = np.random.default_rng(seed).integers(150, 230, size=(height, width, 3), dtype=np.uint8)
+    image = Image.fromarray(noise)
+    draw = ImageDraw.Draw(image)
+    annotations = []
+    for _ in range(rng.randint(1, 3)):
+        side = rng.randint(width // 5, width // 2)
+        x, y = rng.randint(0, width - side), rng.randint(0, height - side)
+        colour, shape = rng.choice(list(COLOURS)), rng.choice(["square", "circle"])
+        box = (x, y, x + side, y + side)
+        (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLOURS[colour])
+        annotations.append(Annotation(f"{colour} {shape}", tuple(float(v) for v in box)))
+    return image, annotations
+
+
+def make_collection(root, n: int = 8, size: tuple[int, int] = (80, 64)) -> Collection:
+    with CollectionWriter(root, name="tiny", source="test") as writer:
+        for i in range(n):
+            image, annotations = motif_image(size, seed=i)
+            image.save(writer.root / "images" / f"a{i}.png")
+            writer.add(Artwork(
+                id=f"a{i}", image=f"images/a{i}.png", sha256=f"{i:064x}", width=size[0], height=size[1],
+                split="val" if i % 4 == 3 else "train", title=f"artwork {i}",
+                captions=[f"a {annotations[0].phrase}"], phrases=[a.phrase for a in annotations],
+                annotations=annotations,
+            ))
+    return Collection.load(root)
+
+
+# -- extraction -------------------------------------------------------------------------------
+
+
+def test_records_have_whole_image_first_then_top_k_regions_in_original_pixels():
+    extractor = tiny_extractor()
+    images = [motif_image((120, 90), 1)[0], motif_image((50, 70), 2)[0]]
+    records = extractor.extract(images)
+    assert len(records) == 2
+    for image, record in zip(images, records, strict=True):
+        n = len(record)
+        assert 1 + extractor.config.min_k <= n <= 1 + extractor.config.top_k
+        assert record.boxes.shape == (n, 4) and record.boxes.dtype == np.float32
+        assert record.scores.shape == (n,) and record.scores.dtype == np.float32
+        assert record.features.shape == (n, extractor.feature_dim) == (n, 64)
+        assert record.kinds.dtype == np.int8
+        assert record.kinds[0] == 0 and (record.kinds[1:] == 1).all()
+        width, height = image.size
+        np.testing.assert_array_equal(record.boxes[0], [0, 0, width, height])
+        assert record.scores[0] == 1.0
+        assert (record.boxes[:, 0] >= 0).all() and (record.boxes[:, 2] <= width).all()
+        assert (record.boxes[:, 1] >= 0).all() and (record.boxes[:, 3] <= height).all()
+        assert (record.boxes[:, 2] > record.boxes[:, 0]).all()
+        assert (np.diff(record.scores[1:]) <= 0).all()  # best first
+
+
+def test_min_k_fills_from_best_remaining_and_no_boxes_gives_the_whole_image_alone():
+    blank = Image.new("RGB", (64, 48), "white")
+    # A threshold no score reaches: min_k regions are still kept, the best of the rest.
+    filled = tiny_extractor(score_threshold=1.01, min_k=4).extract([blank])[0]
+    assert len(filled) == 1 + 4 and (filled.scores[1:] < 1.01).all()
+    alone = tiny_extractor(score_threshold=1.01, min_k=0).extract([blank])[0]
+    assert len(alone) == 1 and alone.kinds.tolist() == [0]
+    np.testing.assert_array_equal(alone.boxes, [[0, 0, 64, 48]])
+    assert np.isfinite(alone.features).all()
+    everything = tiny_extractor(score_threshold=0.0, min_k=0, top_k=5).extract([blank])[0]
+    assert len(everything) == 1 + 5  # top_k caps the detections
+    # When NMS leaves fewer than min_k boxes (a trained detector piles its proposals onto a
+    # few motifs), the rest come from the boxes a looser NMS keeps.
+    strict = tiny_extractor(nms_threshold=0.0, score_threshold=0.0, min_k=20, top_k=20)
+    detected = strict.detect([blank])[0]
+    assert 0 < len(detected.boxes) < 20
+    topped_up = strict.extract([blank])[0]
+    assert len(topped_up) == 1 + 20
+    np.testing.assert_array_equal(topped_up.boxes[1 : 1 + len(detected.boxes)], detected.boxes)
+
+
+def test_pool_matches_extracted_rows_for_the_same_boxes():
+    extractor = tiny_extractor()
+    image, annotations = motif_image((96, 72), 3)
+    boxes = np.array([a.box for a in annotations], dtype=np.float32)
+    record = extractor.extract([image], extra_boxes=[boxes])[0]
+    n_extra = len(boxes)
+    assert record.kinds[-n_extra:].tolist() == [2] * n_extra
+    np.testing.assert_allclose(record.boxes[-n_extra:], boxes, atol=1e-4)
+    pooled = extractor.pool(image, boxes, kind=3)
+    assert pooled.kinds.tolist() == [3] * n_extra and (pooled.scores == 1).all()
+    np.testing.assert_allclose(pooled.boxes, boxes, atol=1e-4)
+    np.testing.assert_allclose(pooled.features, record.features[-n_extra:], rtol=1e-4, atol=1e-5)
+    whole = extractor.pool(image, np.array([[0, 0, 96, 72]]))
+    np.testing.assert_allclose(whole.features[0], record.features[0], rtol=1e-4, atol=1e-5)
+    # different boxes give different features
+    assert not np.allclose(pooled.features[0], whole.features[0])
+    assert len(extractor.pool(image, np.zeros((0, 4)))) == 0
+
+
+def test_extraction_is_deterministic_on_cpu_and_batch_independent():
+    images = [motif_image((80, 64), s)[0] for s in range(3)]
+    first = tiny_extractor(seed=5).extract(images)
+    again = tiny_extractor(seed=5).extract(images)
+    alone = tiny_extractor(seed=5).extract(images[1:2])[0]
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a.boxes, b.boxes)
+        np.testing.assert_array_equal(a.features, b.features)
+    np.testing.assert_allclose(alone.boxes, first[1].boxes, atol=1e-3)
+    np.testing.assert_allclose(alone.features, first[1].features, rtol=1e-4, atol=1e-4)
+
+
+def test_boxes_scale_with_the_image():
+    extractor = tiny_extractor()
+    large, _ = motif_image((160, 120), 7)
+    # The very image the detector sees for `large` (its longer side at image_size = 64):
+    # both must give the same regions, in their own original pixels.
+    small = resize_for_detection(large, 64)[0]
+    assert small.size == (64, 48)
+    a, b = extractor.extract([small, large])
+    np.testing.assert_array_equal(b.boxes[0], [0, 0, 160, 120])
+    assert len(a) == len(b) > 1
+    np.testing.assert_allclose(b.boxes, a.boxes * 2.5, atol=1e-3)
+    np.testing.assert_allclose(b.features, a.features, rtol=1e-5, atol=1e-6)
+
+
+# -- weights ----------------------------------------------------------------------------------
+
+
+def test_torchvision_state_dict_loads_and_wrong_files_are_refused(tmp_path):
+    torch.manual_seed(0)
+    reference = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=4
+    )
+    state = reference.state_dict()
+    path = tmp_path / "mobilenet.pth"
+    torch.save(state, path)
+    small = DetectorConfig(backbone="mobilenet_v3_large_320_fpn", image_size=96)
+    extractor = RegionExtractor.from_torchvision_weights("mobilenet_v3_large_320_fpn", path, config=small)
+    assert extractor.config.num_classes == 3 and extractor.config.image_size == 96 and extractor.feature_dim == 1024
+    loaded = extractor.model.state_dict()
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in state.items())
+    record = extractor.extract([motif_image((100, 80), 1)[0]])[0]
+    assert record.features.shape[1] == 1024 and record.kinds[0] == 0
+    assert len(extractor.version) == 64
+
+    # Weights saved from a FrozenBatchNorm2d model (official COCO files) have no step counters.
+    frozen = tmp_path / "frozen.pth"
+    torch.save({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}, frozen)
+    RegionExtractor.from_torchvision_weights("mobilenet_v3_large_320_fpn", frozen)
+
+    compact = tmp_path / "compact.pth"  # a Faster R-CNN state dict, but another architecture
+    torch.save(tiny_extractor().model.state_dict(), compact)
+    with pytest.raises(CheckpointError, match=r"compact\.pth: weights do not fit a mobilenet_v3_large_320_fpn"):
+        RegionExtractor.from_torchvision_weights("mobilenet_v3_large_320_fpn", compact)
+    with pytest.raises(FileNotFoundError, match=r"nothing\.pth: weights file not found"):
+        RegionExtractor.from_torchvision_weights("mobilenet_v3_large_320_fpn", tmp_path / "nothing.pth")
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"this is not a state dict")
+    with pytest.raises(CheckpointError, match="junk.pth: not a torch state dict"):
+        RegionExtractor.from_torchvision_weights("mobilenet_v3_large_320_fpn", junk)
+    with pytest.raises(ValueError, match="not a torchvision backbone"):
+        RegionExtractor.from_torchvision_weights("compact_fpn", path)
+
+
+def test_detector_checkpoint_round_trip_and_mismatch(tmp_path):
+    extractor = tiny_extractor(seed=3)
+    path = tmp_path / "detector.pt"
+    sha = save_checkpoint(path, kind="detector", config=extractor.config.to_dict(),
+                          state_dict=extractor.model.state_dict(), record={"val_map50": 0.5})
+    loaded = RegionExtractor.from_checkpoint(path)
+    assert loaded.version == sha and loaded.config == extractor.config
+    image = motif_image((80, 64), 2)[0]
+    np.testing.assert_array_equal(loaded.extract([image])[0].features, extractor.extract([image])[0].features)
+
+    wider = DetectorConfig(**{**TINY, "representation_size": 32})
+    bad = tmp_path / "bad.pt"
+    save_checkpoint(bad, kind="detector", config=wider.to_dict(), state_dict=extractor.model.state_dict())
+    with pytest.raises(CheckpointError, match="bad.pt: weights do not fit a compact_fpn.*wrong shape"):
+        RegionExtractor.from_checkpoint(bad)
+    scan = tmp_path / "scan.pt"
+    save_checkpoint(scan, kind="scan", config={}, state_dict={})
+    with pytest.raises(CheckpointError, match="scan"):
+        RegionExtractor.from_checkpoint(scan)
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError, match="unknown backbone 'resnet18'.*compact_fpn"):
+        DetectorConfig(backbone="resnet18")
+    with pytest.raises(ValueError, match="min_k <= top_k"):
+        DetectorConfig(min_k=40, top_k=36)
+    with pytest.raises(ValueError, match="unknown detector config fields: colour"):
+        DetectorConfig.from_dict({"colour": 1})
+
+
+# -- average precision --------------------------------------------------------------------
+
+
+def test_average_precision_on_hand_made_boxes():
+    truth = [np.array([[0, 0, 10, 10], [20, 20, 30, 30]])]
+    perfect = [(np.array([[0, 0, 10, 10], [20, 20, 30, 30]]), np.array([0.9, 0.8]))]
+    assert average_precision(perfect, truth) == pytest.approx(1.0)
+    # TP (0.9), FP (0.8, no overlap), TP (0.7): precision 1, 1/2, 2/3 at recall 1/2, 1/2, 1
+    # -> envelope 1, 2/3, 2/3 -> AP = 1/2 * 1 + 1/2 * 2/3
+    mixed = [(np.array([[0, 0, 10, 10], [50, 50, 60, 60], [21, 21, 30, 30]]), np.array([0.9, 0.8, 0.7]))]
+    assert average_precision(mixed, truth) == pytest.approx(0.5 + 0.5 * 2 / 3)
+    # A duplicate of a matched box is a false positive; IoU 0.49 < 0.5 is a miss.
+    duplicate = [(np.array([[0, 0, 10, 10], [0, 0, 10, 10], [20, 20, 27, 27]]), np.array([0.9, 0.8, 0.7]))]
+    assert average_precision(duplicate, truth) == pytest.approx(0.5)
+    # Two images; the second has ground truth but no detections: recall stops at 2/3.
+    two = [perfect[0], (np.zeros((0, 4)), np.zeros(0))]
+    assert average_precision(two, [truth[0], np.array([[5, 5, 9, 9]])]) == pytest.approx(2 / 3)
+    assert np.isnan(average_precision([(np.zeros((0, 4)), np.zeros(0))], [np.zeros((0, 4))]))
+
+    detections = [(mixed[0][0], mixed[0][1], np.array([0, 0, 1]))]
+    result = mean_average_precision(detections, [(truth[0], np.array([0, 1]))])
+    # class 0: TP then FP -> AP 1 * 1/1 = 1.0; class 1: one TP -> 1.0
+    assert result["per_class"] == {0: pytest.approx(1.0), 1: pytest.approx(1.0)}
+    result = mean_average_precision(detections, [(truth[0], np.array([1, 0]))])
+    # class 0 (truth box 2): rank 1 FP, rank 2 FP -> 0; class 1 (truth box 1): the 0.7 box misses -> 0
+    assert result["map"] == pytest.approx(0.0)
+
+
+# -- training -----------------------------------------------------------------------------
+
+
+def test_a_few_training_steps_lower_the_loss():
+    torch.manual_seed(0)
+    config = DetectorConfig(**TINY)
+    model = build_detector(config).train()
+    samples = [motif_image((64, 64), s) for s in range(4)]
+    images = [to_tensor(image) for image, _ in samples]
+    targets = [{"boxes": torch.tensor([a.box for a in ann]), "labels": torch.ones(len(ann), dtype=torch.int64)}
+               for _, ann in samples]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(8):
+        loss = sum(model(images, targets).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2])
+
+
+def test_train_detector_writes_a_checkpoint_and_resumes(tmp_path):
+    collection = make_collection(tmp_path / "tiny")
+    config = DetectorConfig(**TINY)
+    options = TrainOptions(minutes=5, epochs=1, batch_size=3, workers=0, warmup_steps=1)
+    out = tmp_path / "detector.pt"
+    record = train_detector(collection, out, config=config, options=options, progress=False)
+    assert record["epochs"] == 1 and record["steps"] == 2 and record["train_images"] == 6
+    assert 0.0 <= record["val_map50"] <= 1.0 and record["val_images"] == 2
+    extractor = RegionExtractor.from_checkpoint(out)
+    assert extractor.config == config
+    options.epochs = 2
+    resumed = train_detector(collection, out, options=options, resume=out, progress=False)
+    assert resumed["epochs"] == 2 and resumed["steps"] == 4 and len(resumed["history"]) == 2
+
+
+# -- the extract command --------------------------------------------------------------------
+
+
+def test_extract_command_writes_every_artwork_and_resumes(tmp_path, monkeypatch, capsys):
+    collection = make_collection(tmp_path / "tiny", n=5)
+    extractor = tiny_extractor()
+    detector = tmp_path / "detector.pt"
+    sha = save_checkpoint(detector, kind="detector", config=extractor.config.to_dict(),
+                          state_dict=extractor.model.state_dict())
+
+    # An interruption after the first shard leaves the store readable with those keys only.
+    monkeypatch.setattr(cli_regions, "SHARD_RECORDS", 2)
+    real_extract = RegionExtractor.extract
+    calls = []
+
+    def interrupted(self, images, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_extract(self, images, **kwargs)
+
+    monkeypatch.setattr(RegionExtractor, "extract", interrupted)
+    argv = ["extract", "--collection", str(collection.root), "--detector", str(detector), "--batch-size", "1"]
+    assert cli_main(argv) == 130
+    assert FeatureStore(collection.root / "features").keys() == ["a0", "a1"]
+    monkeypatch.setattr(RegionExtractor, "extract", real_extract)
+    assert cli_main(argv) == 0
+    capsys.readouterr()
+
+    store = FeatureStore(collection.root / "features")
+    assert store.keys() == [f"a{i}" for i in range(5)] and store.extractor == sha
+    for artwork in collection.artworks:
+        record = store.get(artwork.id)
+        assert record.features.dtype == np.float16 and record.kinds[0] == 0
+        annotated = record.kinds == 2
+        np.testing.assert_allclose(record.boxes[annotated], [a.box for a in artwork.annotations], atol=1e-4)
+    assert cli_main(argv) == 0
+    assert '"extracted": 0, "already_present": 5' in capsys.readouterr().out
+    assert len(FeatureStore(collection.root / "features")) == len(store)
+
+    other = tmp_path / "other.pt"
+    save_checkpoint(other, kind="detector", config=extractor.config.to_dict(),
+                    state_dict=tiny_extractor(seed=9).model.state_dict())
+    assert cli_main(["extract", "--collection", str(collection.root), "--detector", str(other)]) == 2
+    assert "written by region extractor" in capsys.readouterr().err
+
+
+def test_train_detector_command_with_one_class_per_phrase(tmp_path, capsys):
+    collection = make_collection(tmp_path / "tiny", n=4)
+    out = tmp_path / "classes.pt"
+    argv = ["train-detector", "--collection", str(collection.root), "--out", str(out), "--epochs", "1",
+            "--image-size", "64", "--batch-size", "2", "--workers", "0", "--classes"]
+    assert cli_main(argv) == 0
+    assert '"epochs": 1' in capsys.readouterr().out
+    extractor = RegionExtractor.from_checkpoint(out)
+    phrases = {a.phrase for artwork in collection.split("train") for a in artwork.annotations}
+    assert extractor.config.class_names == sorted(phrases) and extractor.config.image_size == 64
+    assert cli_main(argv[:-1] + ["--backbone", "resnet18"]) == 2
+    assert "unknown backbone 'resnet18'" in capsys.readouterr().err
