@@ -1,0 +1,1 @@
+"""Services: what the HTTP routes and the command line both call (ingest, retrieval)."""

@@ -1,0 +1,1 @@
+"""Alembic migrations of the artalign database (run with `artalign db upgrade`)."""

@@ -1,0 +1,297 @@
+"""The retrieval engine: two-stage search equals a plain exhaustive cross-attention ranking
+when K covers everything; explanations; index reload / rebuild; updates without rebuild."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from sqlalchemy import select
+
+from app.db.models import Artwork, Fragment, IndexBuild, Phrase
+from app.db.session import create_db_engine, session_factory
+from app.services.ingest import delete_artwork, ingest_artwork
+from app.services.retrieval import Engine
+from collection.images import load_image
+from collection.phrases import normalise_phrase
+from index.featurestore import FeatureStore
+from models.scan import load_scan, xattn_similarity
+from models.vocab import tokenize
+from tests.conftest import image_bytes
+
+ARTWORKS = [
+    ("vase-1", "A blue vase with two gold birds among clouds.", {"source": "synth", "classification": "vase"}),
+    ("dragon-2", "A red dragon among green clouds.", {"source": "synth", "classification": "textile"}),
+    ("cat-3", "A painted cat head with standing ears.", {"source": "museum", "classification": "statue"}),
+    ("box-4", "A painted box of the vizier with a lotus.", {"source": "museum", "classification": "box"}),
+]
+QUERIES = ["gold birds", "the red dragon among clouds", "cat head", "unknownword lotus"]
+
+
+def make_engine(checkpoints, extractor, data_dir, scan=None):
+    model, vocab, checkpoint = load_scan(scan or checkpoints.scan)
+    return Engine(model=model, vocab=vocab, model_version=checkpoint.sha256,
+                  store=FeatureStore(data_dir / "features", extractor=extractor.version),
+                  extractor=extractor, index_dir=data_dir / "index",
+                  image_dir=data_dir / "images")
+
+
+def ingest_all(session, engine_or_extractor, store, data_dir, artworks=ARTWORKS):
+    for seed, (external_id, caption, metadata) in enumerate(artworks):
+        ingest_artwork(session, engine_or_extractor=engine_or_extractor, store=store,
+                       external_id=external_id, image_bytes=image_bytes(100 + seed),
+                       title=external_id, metadata=metadata, captions=[caption],
+                       annotations=[{"phrase": "gold birds", "box": [2, 2, 40, 30]}] if seed == 0 else [],
+                       image_dir=data_dir / "images")
+
+
+@pytest.fixture
+def loaded(db_session, tiny_checkpoints, tiny_extractor, tmp_path):
+    engine = make_engine(tiny_checkpoints, tiny_extractor, tmp_path)
+    ingest_all(db_session, tiny_extractor, engine.store, tmp_path)
+    assert engine.start(db_session) == {"fragments": "rebuilt", "phrases": "rebuilt"}
+    return engine, db_session
+
+
+# -- the plain references ------------------------------------------------------------------
+
+
+def padded_region_sets(store, region_rows):
+    """(n, r_max, D_raw) raw features, zero padded, and (n,) lens: one fragment at a time."""
+    lens = [len(rows) for rows in region_rows]
+    raw = torch.zeros(len(region_rows), max(lens), store.dim)
+    for i, rows in enumerate(region_rows):
+        raw[i, : len(rows)] = torch.from_numpy(store.features(np.array(rows)))
+    return raw, torch.tensor(lens)
+
+
+def word_ids(vocab, text):
+    ids = vocab.encode(tokenize(text)) or [3]
+    return torch.tensor([ids]), torch.tensor([len(ids)])
+
+
+def similarity(model, images, image_lens, texts, text_lens):
+    c = model.config
+    return xattn_similarity(images, image_lens, texts, text_lens, direction=c.direction, agg=c.agg,
+                            lambda_softmax=c.lambda_softmax, lambda_lse=c.lambda_lse)
+
+
+@torch.inference_mode()
+def exhaustive_search(engine, session, query, filters=None):
+    """Every fragment scored with cross attention: (fragment id, score), best first."""
+    fragments = session.scalars(select(Fragment).order_by(Fragment.id)).all()
+    if filters:
+        fragments = [f for f in fragments
+                     if all(f.artwork.meta.get(k) == v for k, v in filters.items())]
+    raw, lens = padded_region_sets(engine.store, [f.region_rows for f in fragments])
+    ids, n_words = word_ids(engine.vocab, normalise_phrase(query))
+    text = engine.model.encode_texts(ids, n_words)
+    scores = similarity(engine.model, engine.model.encode_images(raw, lens), lens, text, n_words)[:, 0]
+    ranked = sorted(zip([f.id for f in fragments], scores.tolist(), strict=True), key=lambda p: (-p[1], p[0]))
+    session.rollback()
+    return ranked
+
+
+@torch.inference_mode()
+def exhaustive_phrases(engine, session, raw_features):
+    phrases = session.scalars(select(Phrase).order_by(Phrase.id)).all()
+    raw = torch.from_numpy(np.asarray(raw_features, dtype=np.float32))[None]
+    lens = torch.tensor([raw.shape[1]])
+    image = engine.model.encode_images(raw, lens)
+    scores = []
+    for phrase in phrases:  # one phrase at a time: no padding at all in the reference
+        ids, n_words = word_ids(engine.vocab, phrase.text)
+        scores.append(float(similarity(engine.model, image, lens,
+                                       engine.model.encode_texts(ids, n_words), n_words)[0, 0]))
+    session.rollback()
+    return sorted(zip([p.id for p in phrases], scores, strict=True), key=lambda p: (-p[1], p[0]))
+
+
+# -- tests ---------------------------------------------------------------------------------
+
+
+def test_two_stage_equals_exhaustive_when_k_covers_everything(loaded):
+    engine, session = loaded
+    n = engine.fragment_count()
+    assert n == len(session.scalars(select(Fragment.id)).all()) > 4
+    for query in QUERIES:
+        reference = exhaustive_search(engine, session, query)
+        hits = engine.search_text(session, query, k=n, limit=n)
+        assert [h.fragment_id for h in hits] == [i for i, _ in reference]
+        np.testing.assert_allclose([h.score for h in hits], [s for _, s in reference], atol=1e-5)
+        page = engine.search_text(session, query, k=n, limit=3, offset=2)
+        assert [h.fragment_id for h in page] == [i for i, _ in reference[2:5]]
+        # A small K reranks only the first stage's candidates: a subset, still best first.
+        few = engine.search_text(session, query, k=3, limit=10)
+        assert len(few) == 3 and {h.fragment_id for h in few} <= {i for i, _ in reference}
+        assert [h.score for h in few] == sorted((h.score for h in few), reverse=True)
+    filters = {"source": "museum"}
+    reference = exhaustive_search(engine, session, "painted box", filters)
+    hits = engine.search_text(session, "painted box", k=n, limit=n, filters=filters)
+    assert [h.fragment_id for h in hits] == [i for i, _ in reference]
+    assert {h.external_id for h in hits} == {"cat-3", "box-4"}
+    assert engine.search_text(session, "box", filters={"source": "nowhere"}) == []
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # engine logic, not SQL
+def test_hits_carry_metadata_and_word_attention(loaded):
+    engine, session = loaded
+    timings = {}
+    hit = engine.search_text(session, "The red dragon", k=100, limit=1, timings=timings)[0]
+    assert set(timings) == {"encode", "stage1", "rerank"}
+    fragment = session.get(Fragment, hit.fragment_id)
+    artwork = fragment.artwork
+    assert (hit.artwork_id, hit.external_id, hit.title) == (artwork.id, artwork.external_id, artwork.title)
+    assert (hit.width, hit.height, hit.box, hit.source) == (64, 48, fragment.box, fragment.source)
+    assert [a.word for a in hit.attention] == ["red", "dragon"]
+    region_boxes = {r.store_row: r.box for r in artwork.regions}
+    for word in hit.attention:
+        assert len(word.regions) == len(fragment.region_rows)
+        assert {r.box for r in word.regions} == {region_boxes[row] for row in fragment.region_rows}
+        assert sum(r.weight for r in word.regions) == pytest.approx(1.0, abs=1e-5)
+        assert [r.weight for r in word.regions] == sorted((r.weight for r in word.regions), reverse=True)
+    with pytest.raises(ValueError, match="no words"):
+        engine.search_text(session, "  ...  ")
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # engine logic, not SQL
+def test_annotate_equals_exhaustive_and_lists_artworks(loaded, tiny_extractor):
+    engine, session = loaded
+    n = engine.phrase_count()
+    artwork = session.scalar(select(Artwork).where(Artwork.external_id == "vase-1"))
+    whole = artwork.fragments[0]
+    features = engine.store.features(np.array(whole.region_rows))
+    reference = exhaustive_phrases(engine, session, features)
+    hits = engine.annotate_regions(session, features, k=n, limit=n)
+    assert [h.phrase_id for h in hits] == [i for i, _ in reference]
+    np.testing.assert_allclose([h.score for h in hits], [s for _, s in reference], atol=1e-5)
+    birds = next(h for h in hits if h.phrase == "gold birds")
+    assert [a.external_id for a in birds.artworks] == ["vase-1"]
+
+    # A box on a stored artwork: its pooled feature plus the regions inside it.
+    box = [0, 0, 40, 30]
+    by_box = engine.annotate_box(session, artwork.id, box, k=n, limit=n)
+    image = load_image(artwork.image_location)
+    own = tiny_extractor.pool(image, np.array([box], dtype=np.float32), kind=3).features
+    inside = [r for r in artwork.regions if r.kind == 1 and r.x2 <= 40 and r.y2 <= 30]
+    assert len(by_box) == n
+    with pytest.raises(LookupError, match="artwork 999999"):
+        engine.annotate_box(session, 999_999, box)
+    with pytest.raises(ValueError, match="<= 64"):
+        engine.annotate_box(session, artwork.id, [0, 0, 65, 10])
+    if not inside:  # the region set is the box alone: compare with the reference exactly
+        reference = exhaustive_phrases(engine, session, own)
+        assert [h.phrase_id for h in by_box] == [i for i, _ in reference]
+    # An uploaded crop: regions are extracted from it, then the same path.
+    crop = engine.annotate_image(session, image.crop((0, 0, 40, 30)), k=n, limit=2)
+    assert len(crop) == 2 and crop[0].score >= crop[1].score
+
+
+def test_saved_indexes_load_and_stale_ones_rebuild(db_url, tiny_checkpoints, tiny_extractor, tmp_path):
+    database = create_db_engine(db_url)
+    sessions = session_factory(database)
+    with sessions() as session:
+        first = make_engine(tiny_checkpoints, tiny_extractor, tmp_path)
+        ingest_all(session, tiny_extractor, first.store, tmp_path, ARTWORKS[:2])
+        assert first.start(session) == {"fragments": "rebuilt", "phrases": "rebuilt"}
+        builds = session.scalars(select(IndexBuild)).all()
+        assert [(b.state, b.fragment_count) for b in builds] == [("ready", first.fragment_count())]
+        query_hits = [h.fragment_id for h in first.search_text(session, "gold birds", limit=5)]
+
+        second = make_engine(tiny_checkpoints, tiny_extractor, tmp_path)
+        assert second.start(session) == {"fragments": "loaded", "phrases": "loaded"}
+        assert second.fragment_count() == first.fragment_count()
+        assert [h.fragment_id for h in second.search_text(session, "gold birds", limit=5)] == query_hits
+
+        # The database changed behind the index's back (no engine told): rebuilt.
+        ingest_all(session, tiny_extractor, first.store, tmp_path, ARTWORKS[2:3])
+        third = make_engine(tiny_checkpoints, tiny_extractor, tmp_path)
+        assert third.start(session) == {"fragments": "rebuilt", "phrases": "rebuilt"}
+        assert third.fragment_count() > first.fragment_count()
+
+        # Another model version: rebuilt. A corrupt manifest: rebuilt, not a crash.
+        other = make_engine(tiny_checkpoints, tiny_extractor, tmp_path, tiny_checkpoints.other_scan)
+        assert other.start(session) == {"fragments": "rebuilt", "phrases": "rebuilt"}
+        (tmp_path / "index" / "phrases" / "manifest.json").write_text("{")
+        fourth = make_engine(tiny_checkpoints, tiny_extractor, tmp_path, tiny_checkpoints.other_scan)
+        assert fourth.start(session) == {"fragments": "loaded", "phrases": "rebuilt"}
+        manifest = json.loads((tmp_path / "index" / "phrases" / "manifest.json").read_text())
+        assert manifest["model_version"] == fourth.model_version
+    database.dispose()
+
+
+def test_ingest_and_delete_update_the_indexes_without_rebuild(loaded, tiny_checkpoints,
+                                                              tiny_extractor, tmp_path, monkeypatch):
+    engine, session = loaded
+    fragments, phrases = engine.fragment_count(), engine.phrase_count()
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("an update must not rebuild the index")
+
+    monkeypatch.setattr(engine, "rebuild", no_rebuild)
+    result = ingest_artwork(session, engine_or_extractor=engine, store=engine.store,
+                            external_id="statue-5", image_bytes=image_bytes(500),
+                            title="Statue", captions=["A stone statue of a standing figure."])
+    assert engine.fragment_count() == fragments + result.fragments
+    assert engine.phrase_count() > phrases
+    n = engine.fragment_count()
+    for query in ("stone statue", "gold birds"):
+        hits = engine.search_text(session, query, k=n, limit=n)
+        assert [h.fragment_id for h in hits] == [i for i, _ in exhaustive_search(engine, session, query)]
+    assert "statue-5" in {h.external_id for h in engine.search_text(session, "statue", k=n, limit=n)}
+
+    # The saved indexes already reflect the change: a restart loads them.
+    restarted = make_engine(tiny_checkpoints, tiny_extractor, tmp_path)
+    assert restarted.start(session) == {"fragments": "loaded", "phrases": "loaded"}
+
+    assert delete_artwork(session, engine=engine, external_id="statue-5")
+    assert (engine.fragment_count(), engine.phrase_count()) == (fragments, phrases)
+    assert "statue-5" not in {h.external_id for h in engine.search_text(session, "statue", k=n, limit=n)}
+    replaced = ingest_artwork(session, engine_or_extractor=engine, store=engine.store,
+                              external_id="dragon-2", image_bytes=image_bytes(600),
+                              title="Dragon", captions=["A green dragon."])
+    assert replaced.status == "replaced"
+    assert engine.fragment_count() == len(session.scalars(select(Fragment.id)).all())
+    assert engine.phrase_count() == len(session.scalars(select(Phrase.id)).all())
+    restarted = make_engine(tiny_checkpoints, tiny_extractor, tmp_path)
+    assert restarted.start(session) == {"fragments": "loaded", "phrases": "loaded"}
+
+
+def test_ingest_and_index_build_commands(tiny_checkpoints, tmp_path, capsys):
+    """`artalign db upgrade`, `artalign ingest --collection`, `artalign index build`, then the
+    service's Engine.load finds the indexes up to date."""
+    from app.cli import main
+    from collection.layout import Artwork as CollectionArtwork
+    from collection.layout import CollectionWriter, sha256_of
+
+    with CollectionWriter(tmp_path / "coll", name="tiny", source="test") as writer:
+        for i, (external_id, caption, metadata) in enumerate(ARTWORKS[:2]):
+            data = image_bytes(700 + i)
+            (writer.root / "images" / f"{external_id}.png").write_bytes(data)
+            writer.add(CollectionArtwork(
+                id=external_id, image=f"images/{external_id}.png", sha256=sha256_of(data),
+                width=64, height=48, split="train", title=external_id, metadata=metadata,
+                captions=[caption], phrases=[normalise_phrase(caption.split(" with ")[0])],
+            ))
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    data_dir = tmp_path / "var"
+    common = ["--database-url", url, "--data-dir", str(data_dir)]
+    assert main(["db", "upgrade", "--database-url", url]) == 0
+    assert main(["ingest", "--collection", str(tmp_path / "coll"), *common, "--no-index",
+                 "--detector-checkpoint", str(tiny_checkpoints.detector), "--device", "cpu"]) == 0
+    assert "2 created" in capsys.readouterr().out
+    assert main(["index", "build", *common, "--scan-checkpoint", str(tiny_checkpoints.scan),
+                 "--device", "cpu"]) == 0
+    assert "(rebuilt)" in capsys.readouterr().out
+    assert main(["index", "build", *common, "--scan-checkpoint", str(tiny_checkpoints.scan)]) == 0
+    assert "(loaded)" in capsys.readouterr().out  # up to date: nothing rebuilt
+    database = create_db_engine(url)
+    engine = Engine.load(database=database, scan_checkpoint=tiny_checkpoints.scan,
+                         detector_checkpoint=tiny_checkpoints.detector, data_dir=data_dir,
+                         device="cpu")
+    with session_factory(database)() as session:
+        assert engine.start(session) == {"fragments": "loaded", "phrases": "loaded"}
+        assert engine.search_text(session, "blue vase", limit=1)[0].external_id in {"vase-1", "dragon-2"}
+    database.dispose()
