@@ -1,0 +1,132 @@
+"""The read side of the catalogue: keyword-only queries the routes call, and image files.
+
+Writes go through :mod:`app.services.ingest`; these functions only read, so they need no
+model and run on FastAPI's thread pool, not in the inference slots.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+
+from PIL import Image
+from sqlalchemy import func, or_, select
+from sqlalchemy.orm import Session, selectinload
+
+from app.api.errors import NotFound
+from app.db.models import Annotation, Artwork, ArtworkPhrase, Fragment, Phrase
+
+THUMBNAIL_SIDE = 256
+CROP_MAX_SIDE = 512
+JPEG_QUALITY = 85
+FILTER_FIELDS = ("source", "classification")
+
+
+def list_artworks(
+    session: Session, *, q: str | None, filters: dict[str, str], limit: int, offset: int
+) -> tuple[list[Artwork], int]:
+    """A page of artworks (oldest first) whose title or external id contains ``q``, with the
+    metadata fields in ``filters`` equal to the given values; and the total that match."""
+    query = select(Artwork)
+    if q:
+        pattern = f"%{q}%"
+        query = query.where(or_(Artwork.title.ilike(pattern), Artwork.external_id.ilike(pattern)))
+    for field, value in filters.items():
+        query = query.where(Artwork.meta[field].as_string() == value)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    page = session.scalars(query.order_by(Artwork.id).limit(limit).offset(offset)).all()
+    return list(page), total
+
+
+def get_artwork(session: Session, artwork_id: int, *, full: bool = False) -> Artwork:
+    query = select(Artwork).where(Artwork.id == artwork_id)
+    if full:
+        query = query.options(selectinload(Artwork.captions), selectinload(Artwork.fragments))
+    artwork = session.scalar(query)
+    if artwork is None:
+        raise NotFound("artwork", artwork_id)
+    return artwork
+
+
+def phrases_of(session: Session, artwork_id: int) -> list[str]:
+    """The phrases that describe an artwork, alphabetically."""
+    query = (
+        select(Phrase.text)
+        .join(ArtworkPhrase, ArtworkPhrase.phrase_id == Phrase.id)
+        .where(ArtworkPhrase.artwork_id == artwork_id)
+        .order_by(Phrase.text)
+    )
+    return list(session.scalars(query))
+
+
+def annotations_of(session: Session, artwork_id: int) -> list[Annotation]:
+    query = (
+        select(Annotation)
+        .where(Annotation.artwork_id == artwork_id)
+        .options(selectinload(Annotation.phrase))
+        .order_by(Annotation.id)
+    )
+    return list(session.scalars(query))
+
+
+def get_fragment(session: Session, fragment_id: int) -> Fragment:
+    fragment = session.scalar(
+        select(Fragment).where(Fragment.id == fragment_id).options(selectinload(Fragment.artwork))
+    )
+    if fragment is None:
+        raise NotFound("fragment", fragment_id)
+    return fragment
+
+
+def image_path(artwork: Artwork) -> Path:
+    """Where the artwork's image file is (ingestion stores its location)."""
+    path = Path(artwork.image_location)
+    if not path.is_file():
+        raise NotFound("image file for artwork", artwork.external_id)
+    return path
+
+
+def thumbnail(artwork: Artwork, data_dir: Path) -> Path:
+    """A JPEG at most THUMBNAIL_SIDE pixels a side, made once and kept beside the data.
+
+    Named by the image's sha256, so a replaced image gets a new thumbnail and two artworks
+    with the same image share one.
+    """
+    target = data_dir / "thumbnails" / f"{artwork.image_sha256}-{THUMBNAIL_SIDE}.jpg"
+    if target.is_file():
+        return target
+    with Image.open(image_path(artwork)) as image:
+        small = image.convert("RGB")
+        small.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+    _write_jpeg_atomic(small, target)
+    return target
+
+
+def crop_jpeg(fragment: Fragment) -> bytes:
+    """The fragment's box cut out of its artwork's image, at most CROP_MAX_SIDE a side."""
+    with Image.open(image_path(fragment.artwork)) as image:
+        width, height = image.size
+        box = (
+            max(0, int(fragment.x1)), max(0, int(fragment.y1)),
+            min(width, max(int(fragment.x1) + 1, round(fragment.x2))),
+            min(height, max(int(fragment.y1) + 1, round(fragment.y2))),
+        )
+        crop = image.convert("RGB").crop(box)
+    crop.thumbnail((CROP_MAX_SIDE, CROP_MAX_SIDE))
+    buffer = io.BytesIO()
+    crop.save(buffer, "JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+def _write_jpeg_atomic(image: Image.Image, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            image.save(file, "JPEG", quality=JPEG_QUALITY)
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

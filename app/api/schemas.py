@@ -1,0 +1,278 @@
+"""Request and response models: the shapes in the OpenAPI document, with examples."""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+MAX_ID = 2**63 - 1  # ids are BIGINT: a larger number names nothing
+BOX_DESCRIPTION = "[x1, y1, x2, y2] in the artwork's original pixels, x1 < x2, y1 < y2"
+
+
+def _valid_box(box: list[float]) -> list[float]:
+    x1, y1, x2, y2 = box
+    if not all(math.isfinite(v) for v in box):
+        raise ValueError("box coordinates must be finite numbers")
+    if min(box) < 0 or not (x1 < x2 and y1 < y2):
+        raise ValueError(f"box {box} must be [x1, y1, x2, y2] with 0 <= x1 < x2 and 0 <= y1 < y2")
+    return box
+
+
+Box = Annotated[
+    list[float],
+    Field(min_length=4, max_length=4, description=BOX_DESCRIPTION, examples=[[12, 40, 96, 120]]),
+]
+BoxIn = Annotated[Box, AfterValidator(_valid_box)]
+Metadata = Annotated[
+    dict[str, Any],
+    Field(description="the museum's own fields", examples=[{"source": "synth", "classification": "vase"}]),
+]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class ReadinessCheck(BaseModel):
+    ok: bool
+    detail: str
+
+
+class Readiness(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "status": "ready",
+        "checks": {"model": {"ok": True, "detail": "version 3f2a9c01be77"},
+                   "index": {"ok": True, "detail": "5120 fragments, 812 phrases"},
+                   "database": {"ok": True, "detail": "postgresql"}},
+    }]})
+
+    status: Literal["ready", "not ready"]
+    checks: dict[str, ReadinessCheck]
+
+
+# --- artworks ---------------------------------------------------------------------------
+
+
+class ArtworkSummary(BaseModel):
+    id: int = Field(examples=[17])
+    external_id: str = Field(examples=["synth-000123"])
+    title: str = Field(examples=["Blue porcelain vase with two gold birds"])
+    metadata: Metadata
+    width: int
+    height: int
+    image_url: str = Field(examples=["/artworks/17/image"])
+    thumbnail_url: str = Field(examples=["/artworks/17/thumbnail"])
+
+
+class FragmentOut(BaseModel):
+    id: int
+    box: Box
+    source: Literal["whole", "extracted", "annotation", "crop"]
+
+
+class ArtworkDetail(ArtworkSummary):
+    captions: list[str] = Field(examples=[["A blue porcelain vase with two gold birds."]])
+    phrases: list[str] = Field(examples=[["blue porcelain vase", "two gold birds"]])
+    fragments: list[FragmentOut]
+
+
+class ArtworkPage(BaseModel):
+    items: list[ArtworkSummary]
+    total: int = Field(description="artworks matching the filter, over all pages")
+    limit: int
+    offset: int
+
+
+class AnnotationIn(BaseModel):
+    phrase: str = Field(min_length=1, max_length=500, examples=["two gold birds"])
+    box: BoxIn
+
+
+class ArtworkIn(BaseModel):
+    """An artwork's text; the image travels beside it as its own multipart part."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "external_id": "synth-000123",
+        "title": "Blue porcelain vase",
+        "metadata": {"source": "synth", "classification": "vase"},
+        "captions": ["A blue porcelain vase with two gold birds among clouds."],
+        "annotations": [{"phrase": "two gold birds", "box": [40, 52, 120, 110]}],
+    }]})
+
+    external_id: str = Field(min_length=1, max_length=200, pattern=r"^\S(.*\S)?$",
+                             description="the museum's own id, unique")
+    title: str = Field("", max_length=2000)
+    metadata: Metadata = Field(default_factory=dict)
+    captions: list[Annotated[str, Field(min_length=1, max_length=5000)]] = Field(
+        default_factory=list, max_length=5, description="at most five sentences")
+    annotations: list[AnnotationIn] = Field(default_factory=list, max_length=200)
+
+
+class IngestReport(BaseModel):
+    id: int
+    external_id: str
+    status: Literal["created", "replaced", "unchanged"]
+    fragments: int = Field(description="fragments of the artwork now in the index")
+    phrases: int = Field(description="phrases that describe the artwork")
+    url: str = Field(examples=["/artworks/17"])
+
+
+class BatchItemReport(BaseModel):
+    position: int = Field(description="0-based position of the item in the request")
+    external_id: str | None
+    status: Literal["created", "replaced", "unchanged", "failed"]
+    id: int | None = None
+    error: str | None = Field(None, description="why the item failed (the others still count)")
+
+
+class BatchReport(BaseModel):
+    items: list[BatchItemReport]
+    counts: dict[str, int] = Field(examples=[{"created": 3, "unchanged": 1, "failed": 1}])
+
+
+class BatchItemIn(ArtworkIn):
+    """One line of a batch: an artwork and its image file, base64-encoded."""
+
+    image_base64: str = Field(min_length=1, description="the image file's bytes, base64")
+
+
+class DeleteReport(BaseModel):
+    external_id: str
+    deleted: bool
+
+
+# --- search and annotate ---------------------------------------------------------------
+
+
+class AttendedRegion(BaseModel):
+    box: Box
+    weight: float = Field(ge=0, le=1, description="share of the word's attention on this region")
+
+
+class WordAttention(BaseModel):
+    word: str
+    regions: list[AttendedRegion]
+
+
+class SearchHit(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "fragment_id": 4512, "artwork_id": 17, "external_id": "synth-000123",
+        "title": "Blue porcelain vase", "box": [40, 52, 120, 110], "score": 0.71,
+        "crop_url": "/fragments/4512/image", "image_url": "/artworks/17/image",
+        "width": 256, "height": 256,
+        "attention": [{"word": "birds", "regions": [{"box": [44, 56, 80, 100], "weight": 0.62},
+                                                    {"box": [40, 52, 120, 110], "weight": 0.38}]}],
+    }]})
+
+    fragment_id: int
+    artwork_id: int
+    external_id: str
+    title: str
+    box: Box
+    score: float = Field(description="SCAN cross-attention similarity; higher is better")
+    crop_url: str = Field(examples=["/fragments/4512/image"])
+    image_url: str = Field(examples=["/artworks/17/image"])
+    width: int = Field(description="the artwork image's width in pixels")
+    height: int
+    attention: list[WordAttention] = Field(
+        description="for each query word, the fragment's regions it attended to")
+
+
+class SearchPage(BaseModel):
+    query: str
+    items: list[SearchHit]
+    limit: int
+    offset: int
+
+
+class PhraseArtwork(BaseModel):
+    id: int
+    external_id: str
+    title: str
+
+
+class PhraseHit(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "phrase_id": 88, "phrase": "two gold birds", "score": 0.64,
+        "artworks": [{"id": 17, "external_id": "synth-000123", "title": "Blue porcelain vase"}],
+    }]})
+
+    phrase_id: int
+    phrase: str = Field(examples=["two gold birds"])
+    score: float
+    artworks: list[PhraseArtwork] = Field(description="artworks this phrase describes")
+
+
+class AnnotateResult(BaseModel):
+    items: list[PhraseHit]
+
+
+class AnnotateBox(BaseModel):
+    """A box on a stored artwork, instead of an uploaded crop."""
+
+    model_config = ConfigDict(extra="forbid",
+                              json_schema_extra={"examples": [{"artwork_id": 17, "box": [40, 52, 120, 110]}]})
+
+    artwork_id: int = Field(ge=1, le=MAX_ID)
+    box: BoxIn
+
+
+class AnnotationCreate(BaseModel):
+    """A phrase a curator accepted for a box on an artwork."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"artwork_id": 17, "box": [40, 52, 120, 110], "phrase": "two gold birds"}]})
+
+    artwork_id: int = Field(ge=1, le=MAX_ID)
+    box: BoxIn
+    phrase: str = Field(min_length=1, max_length=500)
+
+
+class AnnotationOut(BaseModel):
+    id: int
+    artwork_id: int
+    phrase: str
+    box: Box
+    source: Literal["ground_truth", "curator"]
+
+
+# --- W3C Web Annotation (JSON-LD) -------------------------------------------------------
+
+
+class FragmentSelector(BaseModel):
+    type: Literal["FragmentSelector"] = "FragmentSelector"
+    conformsTo: Literal["http://www.w3.org/TR/media-frags/"] = "http://www.w3.org/TR/media-frags/"
+    value: str = Field(examples=["xywh=40,52,80,58"])
+
+
+class WebAnnotationTarget(BaseModel):
+    source: str
+    selector: FragmentSelector
+
+
+class TextualBody(BaseModel):
+    type: Literal["TextualBody"] = "TextualBody"
+    value: str
+    purpose: Literal["describing", "tagging"] = "describing"
+    language: str = "en"
+
+
+class WebAnnotation(BaseModel):
+    id: str
+    type: Literal["Annotation"] = "Annotation"
+    motivation: Literal["describing", "tagging"]
+    body: TextualBody
+    target: WebAnnotationTarget
+    score: float | None = Field(None, description="model score of a suggestion (not part of W3C)")
+
+
+class AnnotationPage(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    context: Literal["http://www.w3.org/ns/anno.jsonld"] = Field(
+        "http://www.w3.org/ns/anno.jsonld", alias="@context")
+    id: str
+    type: Literal["AnnotationPage"] = "AnnotationPage"
+    items: list[WebAnnotation]

@@ -1,0 +1,75 @@
+"""GET /search: text → ranked image fragments, with the regions each word attended to."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated
+
+from fastapi import APIRouter, Query
+
+from app.api.deps import RuntimeDep, SessionDep
+from app.api.errors import Problem
+from app.api.schemas import AttendedRegion, SearchHit, SearchPage, WordAttention
+from app.main import Runtime
+
+if TYPE_CHECKING:
+    from app.services.retrieval import FragmentHit
+
+router = APIRouter(tags=["retrieval"])
+
+
+@router.get(
+    "/search",
+    response_model=SearchPage,
+    summary="Image fragments that show a phrase",
+    description=(
+        "Two stages: FAISS proposes the K fragments whose pooled vectors are nearest to the "
+        "query's, stacked cross attention reranks them. Each hit carries, for every query "
+        "word, the fragment's regions it attended to. Only the K candidates are ranked: a page "
+        "past them is empty."
+    ),
+    responses={
+        422: {"description": "empty, wordless or over-long query"},
+        503: {"description": "busy (Retry-After) or the database is unavailable"},
+    },
+)
+async def search(
+    runtime: RuntimeDep,
+    session: SessionDep,
+    q: Annotated[str, Query(min_length=1, description="a phrase, e.g. 'two gold birds'",
+                            examples=["two gold birds"])],
+    limit: Annotated[int, Query(ge=1, le=100, description="hits per page")] = 10,
+    offset: Annotated[int, Query(ge=0, le=10_000, description="hits to skip")] = 0,
+    source: Annotated[str | None, Query(max_length=200, description="only artworks with this metadata source")] = None,
+    classification: Annotated[str | None, Query(max_length=200, description="only artworks of this classification")] = None,
+) -> SearchPage:
+    settings = runtime.settings
+    if len(q) > settings.limits.max_query_chars:
+        raise Problem(422, "query-too-long", "Query too long",
+                      f"q has {len(q)} characters; the limit is {settings.limits.max_query_chars}")
+    candidates = settings.retrieval.candidates
+    filters = {name: value for name, value in
+               (("source", source), ("classification", classification)) if value is not None}
+    timings: dict[str, float] = {}
+    hits = await runtime.pool.run(
+        runtime.engine.search_text, session, q, k=candidates, limit=limit, offset=offset,
+        filters=filters or None, timings=timings,
+    )
+    runtime.metrics.observe_stages(timings)
+    return SearchPage(query=q, items=[_hit(runtime, hit) for hit in hits], limit=limit, offset=offset)
+
+
+def _hit(runtime: Runtime, hit: FragmentHit) -> SearchHit:
+    return SearchHit(
+        fragment_id=hit.fragment_id, artwork_id=hit.artwork_id, external_id=hit.external_id,
+        title=hit.title, box=list(hit.box), score=hit.score,
+        crop_url=runtime.url(f"/fragments/{hit.fragment_id}/image"),
+        image_url=runtime.url(f"/artworks/{hit.artwork_id}/image"),
+        width=hit.width, height=hit.height,
+        attention=[
+            WordAttention(word=word.word, regions=[
+                AttendedRegion(box=list(region.box), weight=min(1.0, max(0.0, region.weight)))
+                for region in word.regions
+            ])
+            for word in hit.attention
+        ],
+    )

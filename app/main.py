@@ -1,0 +1,186 @@
+"""The FastAPI application: :func:`create_app` builds it, its lifespan loads the model once.
+
+At startup the lifespan validates the settings' files, connects to the database, loads the
+SCAN checkpoint, the region extractor, the feature store and the FAISS indexes (the retrieval
+:class:`~app.services.retrieval.Engine`) and keeps them in ``app.state.runtime``; routes
+reach them through the dependencies in :mod:`app.api.deps`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from sqlalchemy import Engine as DatabaseEngine
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.api import errors
+from app.api.inference import InferencePool
+from app.api.limits import BodyLimitMiddleware
+from app.api.metrics import Metrics, MetricsMiddleware
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "1.0.0"
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+DESCRIPTION = """\
+Align fragments of artwork images with noun phrases of their descriptions, both ways.
+
+* `GET /search?q=` — text → ranked image fragments, with the regions each word attended to.
+* `POST /annotate` — an image crop (or a box on a stored artwork) → ranked phrases.
+* `/artworks` — a museum back end creates, replaces, reads and removes artworks (writes need
+  an `X-API-Key` header).
+
+Errors are `application/problem+json` (RFC 9457).
+"""
+
+
+@dataclass
+class Runtime:
+    """Everything loaded once at startup and shared by every request."""
+
+    settings: Settings
+    database: DatabaseEngine
+    sessions: sessionmaker[Session]
+    engine: Any  # app.services.retrieval.Engine (imported lazily: it pulls in torch)
+    pool: InferencePool
+    metrics: Metrics
+    key_hashes: frozenset[str]
+    # Ingest, replace, delete and curation append to the feature store and update the
+    # indexes: one writer at a time keeps the store's manifest and the indexes consistent.
+    write_lock: threading.Lock
+
+    def url(self, path: str) -> str:
+        """A URL for a path of this service, as clients should follow it."""
+        return self.settings.public_url.rstrip("/") + path
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The service, configured by ``settings`` (default: read from ``ARTALIGN_*`` variables)."""
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = _start(settings, metrics)
+        app.state.runtime = runtime
+        log.info(
+            "serving %d fragments and %d phrases with model %s",
+            runtime.engine.fragment_count(), runtime.engine.phrase_count(),
+            runtime.engine.model_version[:12],
+        )
+        try:
+            yield
+        finally:
+            runtime.pool.shutdown()
+            runtime.database.dispose()
+
+    app = FastAPI(
+        title="artalign",
+        version=API_VERSION,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        responses={
+            422: {"description": "invalid request", "content": {errors.PROBLEM_JSON: {}}},
+        },
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    errors.install(app)
+    _include_routes(app)
+    # Middleware wraps outside-in in reverse order of adding: metrics sees every request,
+    # including those the body limit or CORS refuse.
+    app.add_middleware(BodyLimitMiddleware, limit=settings.limits.max_body_bytes)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_origins,
+        allow_methods=["GET", "POST", "PUT", "DELETE"],
+        allow_headers=["Content-Type", "X-API-Key"],
+        expose_headers=["Retry-After"],
+    )
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app
+
+
+def _include_routes(app: FastAPI) -> None:
+    from app.api import annotate, artworks, health, search
+
+    for module in (health, search, annotate, artworks):
+        app.include_router(module.router)
+    if (STATIC_DIR / "index.html").is_file():
+        _serve_curator_page(app)
+
+
+def _serve_curator_page(app: FastAPI) -> None:
+    """The curator page: index.html at / and its scripts and styles under /static/."""
+    from fastapi.responses import FileResponse
+    from fastapi.staticfiles import StaticFiles
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def curator_page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+class StartupError(RuntimeError):
+    """The service cannot start as configured; the message says what to fix."""
+
+
+def preflight(settings: Settings) -> DatabaseEngine:
+    """Check what a start needs before loading anything heavy: the checkpoint files, and a
+    reachable, migrated database (returned, connected)."""
+    from sqlalchemy.exc import OperationalError
+
+    from app.db.session import create_db_engine, current_revision
+
+    settings.check_files()
+    database = create_db_engine(settings.database_url)
+    where = database.url.render_as_string()  # hides the password
+    try:
+        revision = current_revision(database)
+    except OperationalError as exc:
+        database.dispose()
+        raise StartupError(f"the database at {where} cannot be reached: {exc.orig}") from exc
+    if revision is None:
+        database.dispose()
+        raise StartupError(f"the database at {where} has no tables yet: run `artalign db "
+                           "upgrade` (with the same ARTALIGN_DATABASE_URL) first")
+    return database
+
+
+def _start(settings: Settings, metrics: Metrics) -> Runtime:
+    """Load what every request shares; any problem stops the service here, with its cause."""
+    from app.db.session import session_factory
+    from app.services.retrieval import Engine
+
+    database = preflight(settings)
+    engine = Engine.load(
+        database=database,
+        scan_checkpoint=settings.scan_checkpoint,
+        detector_checkpoint=settings.detector_checkpoint,
+        data_dir=settings.data_dir,
+        device=settings.device,
+    )
+    metrics.track_index("fragments", engine.fragment_count)
+    metrics.track_index("phrases", engine.phrase_count)
+    pool = InferencePool(settings.limits.max_inflight, settings.limits.inference_threads)
+    metrics.inflight.set_function(lambda: pool.inflight)
+    return Runtime(
+        settings=settings,
+        database=database,
+        sessions=session_factory(database),
+        engine=engine,
+        pool=pool,
+        metrics=metrics,
+        key_hashes=settings.api_key_hashes(),
+        write_lock=threading.Lock(),
+    )

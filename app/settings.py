@@ -1,0 +1,118 @@
+"""The service's runtime settings: one object, read from ``ARTALIGN_*`` environment variables.
+
+Nested groups use ``__``: ``ARTALIGN_LIMITS__MAX_BODY_BYTES=10000000``. Lists are JSON:
+``ARTALIGN_API_KEYS='["k1","k2"]'``. Model hyperparameters are not here: they live in the
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Limits(BaseModel):
+    """What one request may ask of the service."""
+
+    max_body_bytes: int = Field(20_000_000, ge=1024, description="largest request body accepted")
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="largest image (width x height) decoded"
+    )
+    max_query_chars: int = Field(200, ge=1, description="longest search query")
+    max_inflight: int = Field(
+        16, ge=1,
+        description="inference calls admitted at once (running or waiting for a thread); "
+        "more get 503 + Retry-After",
+    )
+    inference_threads: int = Field(
+        default_factory=lambda: min(4, os.cpu_count() or 1), ge=1,
+        description="inference calls running at once; PyTorch already spreads one call over "
+        "the cores, so more threads than cores only adds contention",
+    )
+    max_batch_items: int = Field(500, ge=1, description="artworks in one POST /artworks/batch")
+
+
+class Retrieval(BaseModel):
+    """The two-stage search: FAISS candidates, then the cross-attention rerank."""
+
+    candidates: int = Field(100, ge=1, le=10_000, description="K: candidates reranked by SCAN")
+    max_limit: int = Field(100, ge=1, description="most results one page may hold")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="ARTALIGN_", env_nested_delimiter="__", extra="ignore",
+        # an error must never echo a key or a database password into a log
+        hide_input_in_errors=True,
+    )
+
+    database_url: str = "sqlite:///var/artalign.db"
+    data_dir: Path = Path("var")
+    scan_checkpoint: Path = Path("demo/scan.pt")
+    detector_checkpoint: Path = Path("demo/detector.pt")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="keys accepted in the X-API-Key header for writes; none means writes are refused",
+    )
+    cors_origins: list[str] = Field(default_factory=list)
+    public_url: str = Field(
+        "", description="prefix of the URLs in responses (e.g. https://museum.example/api); "
+        "empty means paths relative to the service root"
+    )
+    limits: Limits = Field(default_factory=Limits)
+    retrieval: Retrieval = Field(default_factory=Retrieval)
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, url: str) -> str:
+        if not url.startswith(("sqlite", "postgresql")):
+            raise ValueError(
+                f"database_url {url!r}: use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
+            )
+        return url
+
+    @field_validator("data_dir", "scan_checkpoint", "detector_checkpoint")
+    @classmethod
+    def _absolute(cls, path: Path) -> Path:
+        # Stored image locations are paths under data_dir: absolute, they survive a change of
+        # working directory between `artalign demo` and a later `artalign serve`.
+        return path.expanduser().resolve()
+
+    @field_validator("api_keys")
+    @classmethod
+    def _nonempty_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        for position, key in enumerate(keys):
+            if len(key.get_secret_value()) < 8:
+                raise ValueError(f"api_keys[{position}]: a key needs at least 8 characters")
+        return keys
+
+    @model_validator(mode="after")
+    def _limits_consistent(self) -> Settings:
+        self.limits.inference_threads = min(self.limits.inference_threads, self.limits.max_inflight)
+        if self.retrieval.max_limit > self.retrieval.candidates:
+            # a page can never hold more than the candidates the rerank saw
+            self.retrieval.max_limit = self.retrieval.candidates
+        return self
+
+    def api_key_hashes(self) -> frozenset[str]:
+        """sha256 of every configured key: the plain keys are not kept beyond startup."""
+        return frozenset(hash_api_key(key.get_secret_value()) for key in self.api_keys)
+
+    def check_files(self) -> None:
+        """Fail at startup, naming the file, rather than on the first request."""
+        for name in ("scan_checkpoint", "detector_checkpoint"):
+            path: Path = getattr(self, name)
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"{name} {path}: no such file (set ARTALIGN_{name.upper()} to a checkpoint)"
+                )
+
+
+def hash_api_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()

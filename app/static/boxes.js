@@ -1,0 +1,187 @@
+// An image with an SVG overlay for boxes. Boxes are [x1, y1, x2, y2] in original image
+// pixels; the overlay's viewBox is the original size and stretches over the displayed image,
+// so every box is scaled to the displayed size by the browser, whatever that size is.
+
+import { el, svgEl } from "./dom.js";
+
+export class Figure {
+  /**
+   * src: the image URL; width, height: the original image size in pixels (the box space).
+   * loading: "lazy" for figures in long lists.
+   */
+  constructor({ src, width, height, alt = "", loading = "eager", className = "" }) {
+    this.width = width;
+    this.height = height;
+    this.image = el("img", { src, alt, width, height, loading, decoding: "async", draggable: "false" });
+    this.svg = svgEl("svg", {
+      class: "overlay",
+      viewBox: `0 0 ${width} ${height}`,
+      preserveAspectRatio: "none",
+      "aria-hidden": "true",
+    });
+    this.layers = new Map();
+    this.element = el("div", { class: `figure ${className}`.trim() }, this.image, this.svg);
+  }
+
+  /** A named <g> group, created on first use, so each kind of box can be cleared alone. */
+  layer(name) {
+    if (!this.layers.has(name)) {
+      const group = svgEl("g", { class: `layer-${name}` });
+      this.layers.set(name, group);
+      this.svg.append(group);
+    }
+    return this.layers.get(name);
+  }
+
+  clear(name) {
+    this.layer(name).replaceChildren();
+  }
+
+  drawBox(name, box, { className = "", opacity } = {}) {
+    const [x1, y1, x2, y2] = box;
+    const rect = svgEl("rect", {
+      x: x1, y: y1, width: Math.max(x2 - x1, 0), height: Math.max(y2 - y1, 0), class: className,
+    });
+    if (opacity !== undefined) rect.style.fillOpacity = String(opacity);
+    this.layer(name).append(rect);
+    return rect;
+  }
+
+  /** The original-pixel point under a pointer event, clamped to the image. */
+  pointAt(event) {
+    const frame = this.image.getBoundingClientRect();
+    const x = ((event.clientX - frame.left) / frame.width) * this.width;
+    const y = ((event.clientY - frame.top) / frame.height) * this.height;
+    return [clamp(x, 0, this.width), clamp(y, 0, this.height)];
+  }
+}
+
+function clamp(value, low, high) {
+  return Math.min(Math.max(value, low), high);
+}
+
+/** The box spanned by two points, rounded to whole pixels, with x1 < x2 and y1 < y2. */
+function boxFromPoints([ax, ay], [bx, by]) {
+  return [Math.min(ax, bx), Math.min(ay, by), Math.max(ax, bx), Math.max(ay, by)].map(Math.round);
+}
+
+function boxArea([x1, y1, x2, y2]) {
+  return Math.max(x2 - x1, 0) * Math.max(y2 - y1, 0);
+}
+
+function contains([x1, y1, x2, y2], [x, y]) {
+  return x >= x1 && x <= x2 && y >= y1 && y <= y2;
+}
+
+/** The smallest of `fragments` ({box}) that contains the point, or null. */
+export function smallestFragmentAt(fragments, point) {
+  let best = null;
+  for (const fragment of fragments) {
+    if (contains(fragment.box, point) && (!best || boxArea(fragment.box) < boxArea(best.box))) {
+      best = fragment;
+    }
+  }
+  return best;
+}
+
+// A drag shorter than this many displayed pixels is a click, not a box.
+const CLICK_SLOP_PX = 5;
+
+/**
+ * Lets the user draw one box on a figure, with the pointer or the keyboard.
+ * onBox(box): a box was drawn or confirmed with Enter.
+ * onClick(point): a click without a drag (to pick a fragment there).
+ * onClear(): Escape removed the box.
+ */
+export class BoxEditor {
+  constructor(figure, { onBox, onClick, onClear }) {
+    this.figure = figure;
+    this.callbacks = { onBox, onClick, onClear };
+    this.box = null;
+    this.start = null;
+    const target = figure.element;
+    target.addEventListener("pointerdown", (event) => this.pointerDown(event));
+    target.addEventListener("pointermove", (event) => this.pointerMove(event));
+    target.addEventListener("pointerup", (event) => this.pointerUp(event));
+    target.addEventListener("pointercancel", () => this.cancelDrag());
+  }
+
+  /** Shows `box` as the selection (null hides it). */
+  setBox(box) {
+    this.box = box;
+    this.figure.clear("selection");
+    if (box) this.figure.drawBox("selection", box, { className: "selection" });
+  }
+
+  pointerDown(event) {
+    if (event.button !== 0) return;
+    event.preventDefault(); // no image drag, no text selection
+    this.figure.element.setPointerCapture(event.pointerId);
+    this.start = this.figure.pointAt(event);
+    this.startClient = [event.clientX, event.clientY];
+  }
+
+  pointerMove(event) {
+    if (!this.start) return;
+    this.setBox(boxFromPoints(this.start, this.figure.pointAt(event)));
+  }
+
+  pointerUp(event) {
+    if (!this.start) return;
+    const moved = Math.hypot(event.clientX - this.startClient[0], event.clientY - this.startClient[1]);
+    const end = this.figure.pointAt(event);
+    const start = this.start;
+    this.start = null;
+    if (moved < CLICK_SLOP_PX) {
+      this.callbacks.onClick(end);
+      return;
+    }
+    const box = boxFromPoints(start, end);
+    if (boxArea(box) === 0) return;
+    this.setBox(box);
+    this.callbacks.onBox(box);
+  }
+
+  cancelDrag() {
+    this.start = null;
+  }
+
+  /**
+   * Keyboard editing while the figure has focus: Enter places a box in the middle (or asks
+   * for the box shown), arrows move it, Shift+arrows resize it, Escape clears it.
+   * Returns true when the key was used.
+   */
+  handleKey(event) {
+    const { width, height } = this.figure;
+    if (event.key === "Enter") {
+      if (this.box) {
+        this.callbacks.onBox(this.box);
+      } else {
+        this.setBox([width / 3, height / 3, (2 * width) / 3, (2 * height) / 3].map(Math.round));
+      }
+      return true;
+    }
+    if (event.key === "Escape") {
+      if (!this.box) return false;
+      this.setBox(null);
+      this.callbacks.onClear();
+      return true;
+    }
+    const steps = { ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, -1], ArrowDown: [0, 1] };
+    if (!(event.key in steps) || !this.box) return false;
+    // 2% of the image per key press: fine enough to aim, coarse enough to cross it quickly.
+    const dx = steps[event.key][0] * Math.max(1, Math.round(width * 0.02));
+    const dy = steps[event.key][1] * Math.max(1, Math.round(height * 0.02));
+    let [x1, y1, x2, y2] = this.box;
+    if (event.shiftKey) {
+      x2 = clamp(x2 + dx, x1 + 1, width);
+      y2 = clamp(y2 + dy, y1 + 1, height);
+    } else {
+      const moveX = clamp(dx, -x1, width - x2);
+      const moveY = clamp(dy, -y1, height - y2);
+      [x1, x2, y1, y2] = [x1 + moveX, x2 + moveX, y1 + moveY, y2 + moveY];
+    }
+    this.setBox([x1, y1, x2, y2]);
+    return true;
+  }
+}

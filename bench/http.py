@@ -1,0 +1,173 @@
+"""HTTP latency of a running service: p50/p95 of GET /search and POST /annotate under load.
+
+    python -m bench.http --url http://127.0.0.1:8000 --clients 8 --requests 200 [--json PATH]
+
+``--clients`` concurrent clients (httpx, asyncio) share a bounded number of requests per
+endpoint. Queries are phrases of the served artworks (from GET /artworks/{id}), crops are cut
+from their images (GET /artworks/{id}/image), so the service does real work on each call.
+Answers other than 200 are counted, never timed as successes (a 503 from the inference limit
+shows up as ``refused``). Prints a table and JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import random
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+
+@dataclass
+class EndpointResult:
+    endpoint: str
+    requests: int
+    ok: int
+    refused: int  # 503: the service's inference limit said "come back later"
+    failed: int
+    p50_ms: float
+    p95_ms: float
+    mean_ms: float
+    throughput_rps: float
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100) by linear interpolation between closest ranks."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+async def _sample_inputs(client: httpx.AsyncClient, artworks: int, seed: int
+                         ) -> tuple[list[str], list[bytes]]:
+    """Phrases to search for and JPEG crops to annotate, from up to ``artworks`` artworks."""
+    page = (await client.get("/artworks", params={"limit": artworks})).raise_for_status().json()
+    if not page["items"]:
+        raise SystemExit("the service holds no artworks: ingest some first (or run `artalign demo`)")
+    rng = random.Random(seed)
+    phrases: list[str] = []
+    crops: list[bytes] = []
+    for item in page["items"]:
+        detail = (await client.get(f"/artworks/{item['id']}")).raise_for_status().json()
+        phrases.extend(detail["phrases"])
+        image_bytes = (await client.get(item["image_url"])).raise_for_status().content
+        image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
+        for fragment in detail["fragments"]:
+            if fragment["source"] in ("annotation", "extracted"):
+                buffer = io.BytesIO()
+                image.crop(tuple(int(v) for v in fragment["box"])).save(buffer, "JPEG")
+                crops.append(buffer.getvalue())
+    rng.shuffle(phrases)
+    rng.shuffle(crops)
+    if not phrases or not crops:
+        raise SystemExit("the served artworks have no phrases or no fragments to crop")
+    return phrases, crops
+
+
+async def _load(client: httpx.AsyncClient, name: str, total: int, clients: int,
+                make_request: Callable[[int], Awaitable[httpx.Response]]) -> EndpointResult:
+    latencies: list[float] = []
+    counts = {"ok": 0, "refused": 0, "failed": 0}
+    next_index = 0
+
+    async def worker() -> None:
+        nonlocal next_index
+        while next_index < total:
+            index = next_index
+            next_index += 1  # one event loop thread: no lock needed
+            start = time.perf_counter()
+            try:
+                response = await make_request(index)
+            except httpx.HTTPError:
+                counts["failed"] += 1
+                continue
+            elapsed = time.perf_counter() - start
+            if response.status_code == 200:
+                counts["ok"] += 1
+                latencies.append(elapsed * 1000)
+            elif response.status_code == 503:
+                counts["refused"] += 1
+            else:
+                counts["failed"] += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    wall = time.perf_counter() - started
+    return EndpointResult(
+        endpoint=name, requests=total, ok=counts["ok"], refused=counts["refused"],
+        failed=counts["failed"], p50_ms=round(percentile(latencies, 50), 1),
+        p95_ms=round(percentile(latencies, 95), 1),
+        mean_ms=round(statistics.fmean(latencies), 1) if latencies else float("nan"),
+        throughput_rps=round(counts["ok"] / wall, 2),
+    )
+
+
+async def run(url: str, *, clients: int, requests: int, artworks: int, seed: int,
+              timeout: float) -> list[EndpointResult]:
+    limits = httpx.Limits(max_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
+        phrases, crops = await _sample_inputs(client, artworks, seed)
+
+        def search(index: int) -> Awaitable[httpx.Response]:
+            return client.get("/search", params={"q": phrases[index % len(phrases)], "limit": 10})
+
+        def annotate(index: int) -> Awaitable[httpx.Response]:
+            files = {"image": ("crop.jpg", crops[index % len(crops)], "image/jpeg")}
+            return client.post("/annotate", files=files, params={"limit": 10})
+
+        # one warm-up call each, so first-call costs (lazy imports, caches) are not measured
+        await search(0)
+        await annotate(0)
+        return [
+            await _load(client, "GET /search", requests, clients, search),
+            await _load(client, "POST /annotate", requests, clients, annotate),
+        ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.http", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the running service")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
+    parser.add_argument("--requests", type=int, default=200,
+                        help="requests per endpoint, shared by the clients (default 200)")
+    parser.add_argument("--artworks", type=int, default=20,
+                        help="artworks to take queries and crops from (default 20)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+
+    results = asyncio.run(run(args.url, clients=args.clients, requests=args.requests,
+                              artworks=args.artworks, seed=args.seed, timeout=args.timeout))
+    print(f"{args.url}, {args.clients} concurrent clients, {args.requests} requests per endpoint")
+    header = f"{'endpoint':<16}{'ok':>6}{'503':>6}{'failed':>8}{'p50 ms':>10}{'p95 ms':>10}{'req/s':>8}"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(f"{r.endpoint:<16}{r.ok:>6}{r.refused:>6}{r.failed:>8}{r.p50_ms:>10.1f}"
+              f"{r.p95_ms:>10.1f}{r.throughput_rps:>8.2f}")
+    report = {"url": args.url, "clients": args.clients, "requests": args.requests,
+              "results": [asdict(r) for r in results]}
+    text = json.dumps(report, indent=2)
+    if args.json:
+        args.json.write_text(text + "\n", encoding="utf-8")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
