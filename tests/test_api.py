@@ -153,6 +153,8 @@ def test_ingest_search_replace_delete(client: TestClient) -> None:
     crop = client.get(hit["crop_url"])
     assert crop.status_code == 200 and crop.headers["content-type"] == "image/jpeg"
     assert client.get(hit["image_url"]).content == image_bytes(1)
+    thumbnail = client.get(hit["thumbnail_url"])
+    assert thumbnail.status_code == 200 and thumbnail.headers["content-type"] == "image/jpeg"
     assert hits == sorted(hits, key=lambda h: -h["score"])
 
     # Replace: a new image and caption. The artwork keeps its id, its fragments are new.

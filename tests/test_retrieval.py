@@ -184,9 +184,16 @@ def test_annotate_equals_exhaustive_and_lists_artworks(loaded, tiny_extractor):
     if not inside:  # the region set is the box alone: compare with the reference exactly
         reference = exhaustive_phrases(engine, session, own)
         assert [h.phrase_id for h in by_box] == [i for i, _ in reference]
-    # An uploaded crop: regions are extracted from it, then the same path.
-    crop = engine.annotate_image(session, image.crop((0, 0, 40, 30)), k=n, limit=2)
+    # An uploaded crop: its fragment's region set (its own box pooled at its own scale on a
+    # detector-sized canvas, then the regions inside it), not the crop read as a whole image.
+    crop_image = image.crop((0, 0, 40, 30))
+    crop = engine.annotate_image(session, crop_image, k=n, limit=2)
     assert len(crop) == 2 and crop[0].score >= crop[1].score
+    region_set = engine.crop_region_set(crop_image)
+    assert region_set.ndim == 2 and len(region_set) >= 1
+    assert [h.phrase_id for h in crop] == [i for i, _ in exhaustive_phrases(engine, session, region_set)[:2]]
+    as_whole_image = tiny_extractor.extract([crop_image])[0].features[0]
+    assert not np.allclose(region_set[0], as_whole_image, atol=1e-4)
 
 
 def test_saved_indexes_load_and_stale_ones_rebuild(db_url, tiny_checkpoints, tiny_extractor, tmp_path):

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Annotated
 
-import numpy as np
 from fastapi import APIRouter, Query, Request
-from PIL import Image
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
@@ -18,7 +15,6 @@ from app.main import Runtime
 
 if TYPE_CHECKING:
     from app.services.retrieval import PhraseHit as EnginePhraseHit
-    from models.regions import RegionExtractor
 
 router = APIRouter(tags=["retrieval"])
 
@@ -110,36 +106,7 @@ def _annotate_upload(runtime: Runtime, session: Session, image_bytes: bytes, *, 
     with runtime.metrics.stage("decode"):
         crop = load_image(image_bytes, max_pixels=runtime.settings.limits.max_image_pixels,
                           name="uploaded image")
-    start = time.perf_counter()
-    features = crop_region_set(runtime.engine.extractor, crop)
-    timings["extract"] = time.perf_counter() - start
-    return runtime.engine.annotate_regions(session, features, k=k, limit=limit, timings=timings)
-
-
-def crop_region_set(extractor: RegionExtractor, crop: Image.Image) -> np.ndarray:
-    """(r, D_raw) raw features of an uploaded crop's fragment: the crop's own box pooled, then
-    the regions detected inside it (index.fragments' region set of a "crop" fragment).
-
-    The detector resizes every image so that its longer side is ``image_size``: a small crop
-    alone would be magnified several times and look like nothing it learnt from, and its
-    whole-image feature describes an artwork, not a detail. So the crop is laid, at its own
-    scale, on a canvas of that size filled with its mean border colour, as it lay on its
-    artwork, and its box is pooled there.
-    """
-    from index.fragments import GIVEN, fragments_of
-
-    width, height = crop.size
-    side = max(extractor.config.image_size, width, height)
-    pixels = np.asarray(crop, dtype=np.float32)  # (h, w, 3)
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])  # (2w + 2h, 3)
-    canvas = Image.new("RGB", (side, side), tuple(int(v) for v in border.mean(axis=0)))
-    left, top = (side - width) // 2, (side - height) // 2
-    canvas.paste(crop, (left, top))
-    box = np.array([[left, top, left + width, top + height]], dtype=np.float32)
-    record = extractor.extract([canvas], extra_boxes=[box], extra_kind=GIVEN)[0]
-    fragment = next(spec for spec in fragments_of(record.boxes, record.scores, record.kinds)
-                    if spec.source == "crop")
-    return np.asarray(record.features, dtype=np.float32)[fragment.rows]
+    return runtime.engine.annotate_image(session, crop, k=k, limit=limit, timings=timings)
 
 
 def _phrase_hit(hit: EnginePhraseHit) -> PhraseHit:

@@ -18,8 +18,6 @@ from fastapi.responses import FileResponse
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
-from app.api import reads
-from app.api.curation import accept_annotation
 from app.api.deps import RuntimeDep, SessionDep, WriterDep
 from app.api.errors import NotFound, Problem, to_problem
 from app.api.schemas import (
@@ -44,6 +42,7 @@ from app.api.schemas import (
 )
 from app.db.models import Artwork
 from app.main import Runtime
+from app.services import catalog
 
 router = APIRouter(tags=["artworks"])
 
@@ -209,7 +208,7 @@ def list_artworks(
 ) -> ArtworkPage:
     filters = {name: value for name, value in
                (("source", source), ("classification", classification)) if value is not None}
-    artworks, total = reads.list_artworks(session, q=q, filters=filters, limit=limit, offset=offset)
+    artworks, total = catalog.list_artworks(session, q=q, filters=filters, limit=limit, offset=offset)
     return ArtworkPage(items=[_summary(runtime, a) for a in artworks], total=total,
                        limit=limit, offset=offset)
 
@@ -226,19 +225,19 @@ def get_artwork(runtime: RuntimeDep, session: SessionDep, artwork_id: ArtworkId)
                **NOT_FOUND},
 )
 def get_image(session: SessionDep, artwork_id: ArtworkId) -> FileResponse:
-    path = reads.image_path(reads.get_artwork(session, artwork_id))
+    path = catalog.image_path(catalog.get_artwork(session, artwork_id))
     return FileResponse(path, headers={"Cache-Control": "public, max-age=86400"})
 
 
 @router.get(
     "/artworks/{artwork_id}/thumbnail", response_class=FileResponse,
-    summary=f"A small JPEG of the artwork (at most {reads.THUMBNAIL_SIDE} px a side)",
+    summary=f"A small JPEG of the artwork (at most {catalog.THUMBNAIL_SIDE} px a side)",
     responses={200: {"content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}}},
                **NOT_FOUND},
 )
 def get_thumbnail(runtime: RuntimeDep, session: SessionDep, artwork_id: ArtworkId) -> FileResponse:
-    artwork = reads.get_artwork(session, artwork_id)
-    path = reads.thumbnail(artwork, runtime.settings.data_dir)
+    artwork = catalog.get_artwork(session, artwork_id)
+    path = catalog.thumbnail(artwork, runtime.settings.data_dir)
     return FileResponse(path, media_type="image/jpeg",
                         headers={"Cache-Control": "public, max-age=86400"})
 
@@ -252,7 +251,7 @@ def get_thumbnail(runtime: RuntimeDep, session: SessionDep, artwork_id: ArtworkI
 def get_fragment_image(
     session: SessionDep, fragment_id: Annotated[int, Path(ge=1, le=MAX_ID)]
 ) -> Response:
-    jpeg = reads.crop_jpeg(reads.get_fragment(session, fragment_id))
+    jpeg = catalog.crop_jpeg(catalog.get_fragment(session, fragment_id))
     return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})
 
 
@@ -285,8 +284,9 @@ async def create_annotation(
 ) -> AnnotationOut:
     def run() -> Any:
         with runtime.write_lock:
-            return accept_annotation(session, engine=runtime.engine, artwork_id=body.artwork_id,
-                                     box=body.box, phrase=body.phrase)
+            return catalog.accept_annotation(session, engine=runtime.engine,
+                                             artwork_id=body.artwork_id, box=body.box,
+                                             phrase=body.phrase)
 
     annotation = await runtime.pool.run(run)
     return AnnotationOut(id=annotation.id, artwork_id=annotation.artwork_id,
@@ -388,11 +388,11 @@ def _summary(runtime: Runtime, artwork: Artwork) -> ArtworkSummary:
 
 
 def _detail(runtime: Runtime, session: Session, artwork_id: int) -> ArtworkDetail:
-    artwork = reads.get_artwork(session, artwork_id, full=True)
+    artwork = catalog.get_artwork(session, artwork_id, full=True)
     return ArtworkDetail(
         **_summary(runtime, artwork).model_dump(),
         captions=[caption.text for caption in artwork.captions],
-        phrases=reads.phrases_of(session, artwork_id),
+        phrases=catalog.phrases_of(session, artwork_id),
         fragments=[FragmentOut(id=f.id, box=list(f.box), source=f.source) for f in artwork.fragments],
     )
 
@@ -404,7 +404,7 @@ def _xywh(box: tuple[float, float, float, float]) -> str:
 
 def _annotation_page(runtime: Runtime, session: Session, artwork_id: int,
                      suggestions: int) -> AnnotationPage:
-    artwork = reads.get_artwork(session, artwork_id, full=True)
+    artwork = catalog.get_artwork(session, artwork_id, full=True)
     image_url = runtime.url(f"/artworks/{artwork_id}/image")
     page_url = runtime.url(f"/artworks/{artwork_id}/annotations")
 
@@ -418,7 +418,7 @@ def _annotation_page(runtime: Runtime, session: Session, artwork_id: int,
         )
 
     items = [web_annotation(f"annotation-{a.id}", "describing", a.phrase.text, a.box)
-             for a in reads.annotations_of(session, artwork_id)]
+             for a in catalog.annotations_of(session, artwork_id)]
     if suggestions:
         score_of_row = {region.store_row: region.score for region in artwork.regions}
         extracted = sorted((f for f in artwork.fragments if f.source == "extracted"),

@@ -161,7 +161,7 @@ class SearchHit(BaseModel):
         "fragment_id": 4512, "artwork_id": 17, "external_id": "synth-000123",
         "title": "Blue porcelain vase", "box": [40, 52, 120, 110], "score": 0.71,
         "crop_url": "/fragments/4512/image", "image_url": "/artworks/17/image",
-        "width": 256, "height": 256,
+        "thumbnail_url": "/artworks/17/thumbnail", "width": 256, "height": 256,
         "attention": [{"word": "birds", "regions": [{"box": [44, 56, 80, 100], "weight": 0.62},
                                                     {"box": [40, 52, 120, 110], "weight": 0.38}]}],
     }]})
@@ -174,6 +174,8 @@ class SearchHit(BaseModel):
     score: float = Field(description="SCAN cross-attention similarity; higher is better")
     crop_url: str = Field(examples=["/fragments/4512/image"])
     image_url: str = Field(examples=["/artworks/17/image"])
+    thumbnail_url: str = Field(examples=["/artworks/17/thumbnail"],
+                               description="a small JPEG of the whole artwork, same aspect ratio")
     width: int = Field(description="the artwork image's width in pixels")
     height: int
     attention: list[WordAttention] = Field(

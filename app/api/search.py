@@ -64,6 +64,7 @@ def _hit(runtime: Runtime, hit: FragmentHit) -> SearchHit:
         title=hit.title, box=list(hit.box), score=hit.score,
         crop_url=runtime.url(f"/fragments/{hit.fragment_id}/image"),
         image_url=runtime.url(f"/artworks/{hit.artwork_id}/image"),
+        thumbnail_url=runtime.url(f"/artworks/{hit.artwork_id}/thumbnail"),
         width=hit.width, height=hit.height,
         attention=[
             WordAttention(word=word.word, regions=[

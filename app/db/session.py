@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DATABASE_URL = "sqlite:///var/artalign.db"
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+DEFAULT_CONNECT_TIMEOUT = 5  # seconds to reach PostgreSQL before a connection attempt fails
 
 
 def database_url(explicit: str | None = None) -> str:
@@ -36,8 +37,15 @@ def database_url(explicit: str | None = None) -> str:
     return url
 
 
-def create_db_engine(url: str | None = None) -> Engine:
-    """An engine for ``url`` (see :func:`database_url`); SQLite enforces foreign keys."""
+def create_db_engine(url: str | None = None, *, connect_timeout: int = DEFAULT_CONNECT_TIMEOUT) -> Engine:
+    """An engine for ``url`` (see :func:`database_url`); SQLite enforces foreign keys.
+
+    PostgreSQL connections give up after ``connect_timeout`` seconds (libpq counts whole
+    seconds, at least 2), so an unreachable host fails ``/readyz`` instead of hanging it;
+    pooled connections are pinged before use, so one the server dropped is replaced.
+    """
+    if connect_timeout < 1:
+        raise ValueError(f"connect_timeout must be at least 1 second, got {connect_timeout}")
     url = database_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -47,7 +55,7 @@ def create_db_engine(url: str | None = None) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": connect_timeout})
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001 (DB-API objects)

@@ -35,8 +35,8 @@ from sqlalchemy.orm import Session
 
 from app.db.models import Artwork, ArtworkPhrase, Fragment, IndexBuild, Phrase, Region
 from app.services.ingest import IndexChange, resolve_device
-from index.featurestore import FeatureStore, RegionRecord
-from index.fragments import DEFAULT_MAX_MEMBERS, EXTRACTED, GIVEN, WHOLE, region_set_members
+from index.featurestore import FeatureStore
+from index.fragments import DEFAULT_MAX_MEMBERS, EXTRACTED, GIVEN, fragments_of, region_set_members
 from index.vectors import VectorIndex, VectorIndexError, read_manifest
 from models.vocab import UNK_ID, Vocabulary, tokenize
 
@@ -428,28 +428,20 @@ class Engine:
     # -- image -> phrases -----------------------------------------------------------------
 
     def annotate_regions(
-        self, session: Session, record_or_features: RegionRecord | np.ndarray, *, k: int = 100,
-        limit: int = 10, offset: int = 0, timings: dict[str, float] | None = None,
+        self, session: Session, features: np.ndarray, *, k: int = 100, limit: int = 10,
+        offset: int = 0, timings: dict[str, float] | None = None,
     ) -> list[PhraseHit]:
         """Phrases that describe a region set, best first.
 
-        record_or_features: the extractor's record of a crop (the crop is treated as a whole
-        image: its own feature plus its best regions), or raw features (r, D_raw) of a region
-        set whose first row is the box itself.
+        features: (r, D_raw) raw features of the region set, its first row the box itself
+        (as :meth:`annotate_box` and :meth:`crop_region_set` build them).
         """
-        from index.fragments import fragments_of
         from models.scan import pooled
 
         _check_page(k, limit, offset)
-        if isinstance(record_or_features, RegionRecord):
-            record = record_or_features
-            specs = fragments_of(record.boxes, record.scores, record.kinds)
-            crop = next((spec for spec in specs if spec.source == "whole"), specs[0])
-            features = np.asarray(record.features, dtype=np.float32)[crop.rows]
-        else:
-            features = np.asarray(record_or_features, dtype=np.float32)
-            if features.ndim != 2 or not len(features):
-                raise ValueError(f"region features must be (r, D_raw) with r >= 1, got {features.shape}")
+        features = np.asarray(features, dtype=np.float32)
+        if features.ndim != 2 or not len(features):
+            raise ValueError(f"region features must be (r, D_raw) with r >= 1, got {features.shape}")
         with _timed(timings, "encode"):
             image, image_lens = self._encode_raw([features])  # (1, r, d)
             vector = pooled(image, image_lens).float().cpu().numpy()
@@ -517,17 +509,38 @@ class Engine:
         return self.annotate_regions(session, features, k=k, limit=limit, offset=offset, timings=timings)
 
     def annotate_image(
-        self, session: Session, image: Image.Image, *, k: int = 100, limit: int = 10,
+        self, session: Session, crop: Image.Image, *, k: int = 100, limit: int = 10,
         offset: int = 0, timings: dict[str, float] | None = None,
     ) -> list[PhraseHit]:
-        """Phrases for an uploaded crop: its regions (whole crop + detected), then as above."""
+        """Phrases for an uploaded crop: the region set of its fragment, then as above."""
         if self.extractor is None:
             raise RuntimeError("this engine has no region extractor: annotate_image needs one")
         with _timed(timings, "extract"):
-            record = self.extractor.extract([image])[0]
-        if not (record.kinds == WHOLE).any():
-            raise ValueError("the region extractor gave no whole-image region for the crop")
-        return self.annotate_regions(session, record, k=k, limit=limit, offset=offset, timings=timings)
+            features = self.crop_region_set(crop)
+        return self.annotate_regions(session, features, k=k, limit=limit, offset=offset, timings=timings)
+
+    def crop_region_set(self, crop: Image.Image) -> np.ndarray:
+        """(r, D_raw) raw features of an uploaded crop's fragment: the crop's own box pooled,
+        then the regions detected inside it (index.fragments' region set of a "crop" fragment).
+
+        The detector resizes every image so that its longer side is ``image_size``: a small
+        crop alone would be magnified several times and look like nothing it learnt from, and
+        its whole-image feature describes an artwork, not a detail. So the crop is laid, at its
+        own scale, on a square canvas of that size filled with its mean border colour, as it
+        lay on its artwork, and its box is pooled there.
+        """
+        width, height = crop.size
+        side = max(self.extractor.config.image_size, width, height)
+        pixels = np.asarray(crop.convert("RGB"), dtype=np.float32)  # (h, w, 3)
+        border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])  # (2w + 2h, 3)
+        canvas = Image.new("RGB", (side, side), tuple(int(v) for v in border.mean(axis=0)))
+        left, top = (side - width) // 2, (side - height) // 2
+        canvas.paste(crop, (left, top))
+        box = np.array([[left, top, left + width, top + height]], dtype=np.float32)  # (1, 4) xyxy
+        record = self.extractor.extract([canvas], extra_boxes=[box], extra_kind=GIVEN)[0]
+        fragment = next(spec for spec in fragments_of(record.boxes, record.scores, record.kinds)
+                        if spec.source == "crop")
+        return np.asarray(record.features, dtype=np.float32)[fragment.rows]
 
 
 def _check_page(k: int, limit: int, offset: int) -> None:

@@ -1,7 +1,9 @@
-"""The read side of the catalogue: keyword-only queries the routes call, and image files.
+"""The catalogue outside retrieval: keyword-only reads the routes call, image files, and the
+one curator write (accepting a phrase for a box on an artwork).
 
-Writes go through :mod:`app.services.ingest`; these functions only read, so they need no
-model and run on FastAPI's thread pool, not in the inference slots.
+Ingestion writes go through :mod:`app.services.ingest`. The reads need no model, so the
+routes run them on FastAPI's thread pool, not in the inference slots. An unknown id raises
+``LookupError`` and bad input ``ValueError``; app.api.errors turns them into 404 and 422.
 """
 
 from __future__ import annotations
@@ -10,18 +12,23 @@ import io
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, selectinload
 
-from app.api.errors import NotFound
 from app.db.models import Annotation, Artwork, ArtworkPhrase, Fragment, Phrase
+
+if TYPE_CHECKING:
+    from app.services.retrieval import Engine
 
 THUMBNAIL_SIDE = 256
 CROP_MAX_SIDE = 512
 JPEG_QUALITY = 85
-FILTER_FIELDS = ("source", "classification")
+
+
+# -- reads ----------------------------------------------------------------------------------
 
 
 def list_artworks(
@@ -41,12 +48,13 @@ def list_artworks(
 
 
 def get_artwork(session: Session, artwork_id: int, *, full: bool = False) -> Artwork:
+    """The artwork; with ``full`` its captions and fragments loaded too."""
     query = select(Artwork).where(Artwork.id == artwork_id)
     if full:
         query = query.options(selectinload(Artwork.captions), selectinload(Artwork.fragments))
     artwork = session.scalar(query)
     if artwork is None:
-        raise NotFound("artwork", artwork_id)
+        raise LookupError(f"no artwork {artwork_id!r}")
     return artwork
 
 
@@ -62,6 +70,7 @@ def phrases_of(session: Session, artwork_id: int) -> list[str]:
 
 
 def annotations_of(session: Session, artwork_id: int) -> list[Annotation]:
+    """The artwork's annotations (ingested and curator's), oldest first, phrases loaded."""
     query = (
         select(Annotation)
         .where(Annotation.artwork_id == artwork_id)
@@ -72,19 +81,23 @@ def annotations_of(session: Session, artwork_id: int) -> list[Annotation]:
 
 
 def get_fragment(session: Session, fragment_id: int) -> Fragment:
+    """The fragment, its artwork loaded."""
     fragment = session.scalar(
         select(Fragment).where(Fragment.id == fragment_id).options(selectinload(Fragment.artwork))
     )
     if fragment is None:
-        raise NotFound("fragment", fragment_id)
+        raise LookupError(f"no fragment {fragment_id!r}")
     return fragment
+
+
+# -- image files ----------------------------------------------------------------------------
 
 
 def image_path(artwork: Artwork) -> Path:
     """Where the artwork's image file is (ingestion stores its location)."""
     path = Path(artwork.image_location)
     if not path.is_file():
-        raise NotFound("image file for artwork", artwork.external_id)
+        raise LookupError(f"no image file for artwork {artwork.external_id!r}")
     return path
 
 
@@ -130,3 +143,52 @@ def _write_jpeg_atomic(image: Image.Image, target: Path) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+# -- curator decisions ----------------------------------------------------------------------
+
+
+def accept_annotation(
+    session: Session, *, engine: Engine, artwork_id: int, box: list[float], phrase: str
+) -> Annotation:
+    """Store a phrase a curator accepted for a box on an artwork.
+
+    The annotation joins the artwork's ground truth (source "curator"); its phrase now
+    describes the artwork, and a phrase new to the collection enters the phrase index at
+    once, so the next crop can be annotated with it. Raises LookupError for an unknown
+    artwork, ValueError for a phrase with no words or a box off the image.
+    """
+    from app.services.ingest import IndexChange
+    from collection.phrases import normalise_phrase
+
+    text = normalise_phrase(phrase)
+    if not text:
+        raise ValueError(f"phrase {phrase!r} has no words once normalised")
+    artwork = session.get(Artwork, artwork_id)
+    if artwork is None:
+        raise LookupError(f"no artwork {artwork_id!r}")
+    x1, y1, x2, y2 = box
+    if not (x2 <= artwork.width and y2 <= artwork.height):
+        raise ValueError(f"box {box} lies outside artwork {artwork_id}'s image "
+                         f"({artwork.width}x{artwork.height})")
+    change = IndexChange()
+    try:
+        row = session.scalar(select(Phrase).where(Phrase.text == text))
+        if row is None:
+            row = Phrase(text=text)
+            session.add(row)
+            session.flush()
+            change.added_phrases.append(row.id)
+        if session.get(ArtworkPhrase, (artwork_id, row.id)) is None:
+            session.add(ArtworkPhrase(artwork_id=artwork_id, phrase_id=row.id))
+        annotation = Annotation(artwork_id=artwork_id, phrase_id=row.id, x1=x1, y1=y1, x2=x2,
+                                y2=y2, source="curator")
+        session.add(annotation)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    if change.added_phrases:
+        engine.apply_change(session, change)
+    annotation.phrase = row
+    return annotation
