@@ -15,16 +15,14 @@ Prints a table and JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.scoring import write_json
+from bench.report import publish, run_as_main
 
 log = logging.getLogger(__name__)
 
@@ -132,16 +130,9 @@ def main(options: argparse.Namespace) -> int:
     if options.images < 1 or options.batch_size < 1:
         raise ValueError("--images and --batch-size must be at least 1")
     report = run(options)
-    print(format_table(report))
-    print(json.dumps(report, indent=2))
-    if options.json is not None:
-        write_json(options.json, report)
-        log.info("wrote %s", options.json)
+    publish(report, format_table(report), options.json)
     return 0
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m bench.extract", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sys.exit(main(parser.parse_args()))
+    run_as_main("python -m bench.extract", __doc__, add_arguments, main)

@@ -1,6 +1,7 @@
 """HTTP latency of a running service: p50/p95 of GET /search and POST /annotate under load.
 
     python -m bench.http --url http://127.0.0.1:8000 --clients 8 --requests 200 [--json PATH]
+    artalign bench http --url http://127.0.0.1:8000
 
 ``--clients`` concurrent clients (httpx, asyncio) share a bounded number of requests per
 endpoint. Queries are phrases of the served artworks (from GET /artworks/{id}), crops are cut
@@ -12,19 +13,19 @@ shows up as ``refused``). Prints a table and JSON.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import io
-import json
 import random
 import statistics
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import httpx
-from PIL import Image
+from bench.report import publish, run_as_main
+
+if TYPE_CHECKING:  # asyncio, httpx and PIL load inside the functions: `artalign --help` imports this module
+    import httpx
 
 
 @dataclass
@@ -54,6 +55,8 @@ def percentile(values: list[float], q: float) -> float:
 async def _sample_inputs(client: httpx.AsyncClient, artworks: int, seed: int
                          ) -> tuple[list[str], list[bytes]]:
     """Phrases to search for and JPEG crops to annotate, from up to ``artworks`` artworks."""
+    from PIL import Image
+
     page = (await client.get("/artworks", params={"limit": artworks})).raise_for_status().json()
     if not page["items"]:
         raise SystemExit("the service holds no artworks: ingest some first (or run `artalign demo`)")
@@ -79,6 +82,10 @@ async def _sample_inputs(client: httpx.AsyncClient, artworks: int, seed: int
 
 async def _load(client: httpx.AsyncClient, name: str, total: int, clients: int,
                 make_request: Callable[[int], Awaitable[httpx.Response]]) -> EndpointResult:
+    import asyncio
+
+    import httpx
+
     latencies: list[float] = []
     counts = {"ok": 0, "refused": 0, "failed": 0}
     next_index = 0
@@ -117,6 +124,8 @@ async def _load(client: httpx.AsyncClient, name: str, total: int, clients: int,
 
 async def run(url: str, *, clients: int, requests: int, artworks: int, seed: int,
               timeout: float) -> list[EndpointResult]:
+    import httpx
+
     limits = httpx.Limits(max_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
         phrases, crops = await _sample_inputs(client, artworks, seed)
@@ -137,37 +146,51 @@ async def run(url: str, *, clients: int, requests: int, artworks: int, seed: int
         ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.http", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the running service")
-    parser.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default="http://127.0.0.1:8000",
+                        help="the running service (default %(default)s)")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent clients (default %(default)s)")
     parser.add_argument("--requests", type=int, default=200,
-                        help="requests per endpoint, shared by the clients (default 200)")
+                        help="requests per endpoint, shared by the clients (default %(default)s)")
     parser.add_argument("--artworks", type=int, default=20,
-                        help="artworks to take queries and crops from (default 20)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
-    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
-    args = parser.parse_args(argv)
+                        help="artworks to take queries and crops from (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for the inputs (default %(default)s)")
+    parser.add_argument("--timeout", type=float, default=60.0,
+                        help="seconds per request (default %(default)s)")
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH",
+                        help="also write the JSON report here (atomically)")
 
-    results = asyncio.run(run(args.url, clients=args.clients, requests=args.requests,
-                              artworks=args.artworks, seed=args.seed, timeout=args.timeout))
-    print(f"{args.url}, {args.clients} concurrent clients, {args.requests} requests per endpoint")
+
+def format_table(report: dict[str, Any]) -> str:
     header = f"{'endpoint':<16}{'ok':>6}{'503':>6}{'failed':>8}{'p50 ms':>10}{'p95 ms':>10}{'req/s':>8}"
-    print(header)
-    print("-" * len(header))
-    for r in results:
-        print(f"{r.endpoint:<16}{r.ok:>6}{r.refused:>6}{r.failed:>8}{r.p50_ms:>10.1f}"
-              f"{r.p95_ms:>10.1f}{r.throughput_rps:>8.2f}")
-    report = {"url": args.url, "clients": args.clients, "requests": args.requests,
-              "results": [asdict(r) for r in results]}
-    text = json.dumps(report, indent=2)
-    if args.json:
-        args.json.write_text(text + "\n", encoding="utf-8")
-    print(text)
+    lines = [f"{report['url']}, {report['clients']} concurrent clients, {report['requests']} requests "
+             "per endpoint", header, "-" * len(header)]
+    for r in report["results"]:
+        lines.append(f"{r['endpoint']:<16}{r['ok']:>6}{r['refused']:>6}{r['failed']:>8}{r['p50_ms']:>10.1f}"
+                     f"{r['p95_ms']:>10.1f}{r['throughput_rps']:>8.2f}")
+    return "\n".join(lines)
+
+
+def main(options: argparse.Namespace) -> int:
+    """Run the benchmark, print the table and the JSON; write the JSON if asked."""
+    import asyncio
+
+    import httpx
+
+    for name in ("clients", "requests", "artworks"):
+        if getattr(options, name) < 1:
+            raise ValueError(f"--{name} must be at least 1")
+    try:
+        results = asyncio.run(run(options.url, clients=options.clients, requests=options.requests,
+                                  artworks=options.artworks, seed=options.seed, timeout=options.timeout))
+    except httpx.ConnectError as exc:
+        raise ValueError(f"--url {options.url}: nothing answers ({exc}); start the service first "
+                         "(artalign serve) or point --url at it") from exc
+    report = {"benchmark": "http", "url": options.url, "clients": options.clients,
+              "requests": options.requests, "results": [asdict(r) for r in results]}
+    publish(report, format_table(report), options.json)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_as_main("python -m bench.http", __doc__, add_arguments, main)

@@ -18,16 +18,15 @@ torch is imported inside the functions so that ``artalign --help`` stays fast.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from bench.report import publish, run_as_main
 
 log = logging.getLogger(__name__)
 
@@ -224,38 +223,15 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: Path, report: dict[str, Any]) -> None:
-    """Atomically: a temporary file beside ``path``, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main(options: argparse.Namespace) -> int:
     """Run the benchmark, print the table and the JSON; write the JSON if asked."""
     for name in ("images", "regions", "texts", "dim", "chunk_size", "repeats"):
         if getattr(options, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     report = run(options)
-    print(format_table(report))
-    print(json.dumps(report, indent=2))
-    if options.json is not None:
-        write_json(options.json, report)
-        log.info("wrote %s", options.json)
+    publish(report, format_table(report), options.json)
     return 0
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.scoring",
-        description=__doc__.split("\n\n")[0],
-    )
-    add_arguments(parser)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sys.exit(main(parser.parse_args()))
+    run_as_main("python -m bench.scoring", __doc__, add_arguments, main)

@@ -21,18 +21,17 @@ overlap of its top 10 with the exhaustive top 10. Prints a table and JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+from bench.report import publish, run_as_main
 
-from bench.scoring import write_json
+if TYPE_CHECKING:  # numpy and torch load inside the functions: `artalign --help` imports this module
+    import numpy as np
 
 log = logging.getLogger(__name__)
 TOP = 10
@@ -60,12 +59,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _noisy(rng: np.random.Generator, centres: np.ndarray, noise: float) -> np.ndarray:
+    import numpy as np
+
     x = centres + noise * rng.normal(size=centres.shape) / np.sqrt(centres.shape[-1])
     return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
 
 
 def make_data(options: argparse.Namespace) -> dict[str, Any]:
     """Fragments (n, r, d) zero padded + lens, and queries (q, w, d) + lens, all unit rows."""
+    import numpy as np
+
     rng = np.random.default_rng(options.seed)
     n, r, d = options.fragments, options.max_regions, options.dim
     concepts = _noisy(rng, np.zeros((options.concepts, d)), 1.0)  # random unit directions
@@ -84,6 +87,7 @@ def make_data(options: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(options: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
     import torch
 
     from index.vectors import VectorIndex
@@ -182,16 +186,9 @@ def main(options: argparse.Namespace) -> int:
         raise ValueError("--max-regions must be at least 2 and every --k at least 1")
     options.exhaustive_queries = min(options.exhaustive_queries, options.queries)
     report = run(options)
-    print(format_table(report))
-    print(json.dumps(report, indent=2))
-    if options.json is not None:
-        write_json(options.json, report)
-        log.info("wrote %s", options.json)
+    publish(report, format_table(report), options.json)
     return 0
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m bench.search", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sys.exit(main(parser.parse_args()))
+    run_as_main("python -m bench.search", __doc__, add_arguments, main)

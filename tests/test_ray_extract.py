@@ -12,10 +12,10 @@ import pytest
 from PIL import Image, ImageDraw
 
 from app.cli import main as cli_main
-from app.cli.regions import extract_collection
 from collection.layout import Annotation, Artwork, Collection, CollectionWriter
 from index.featurestore import FeatureStore
 from models.regions import RegionExtractor
+from training.extract import extract_collection
 
 ray = pytest.importorskip("ray", reason="Ray is optional: pip install 'artalign[ray]'")
 

@@ -1,1 +1,1 @@
-"""Training and evaluation of the detector and of SCAN. Nothing under models/ or app/ imports this."""
+"""Training, evaluation and batch extraction. models/, index/ and collection/ never import this."""

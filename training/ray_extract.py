@@ -1,7 +1,7 @@
 """Region extraction over a whole collection on a Ray cluster (Ray Data): `artalign extract
 --engine ray`.
 
-The same work as the local path (``app.cli.regions.extract_collection``) and the same result:
+The same work as the local path (``training.extract.extract_collection``) and the same result:
 the feature store gets, per artwork (key = artwork id), the whole image, the top-k detected
 regions and the artwork's annotation boxes, as float16 rows. The pipeline::
 
@@ -30,6 +30,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from training.extract import (
+    SHARD_RECORDS,
+    annotation_boxes,
+    append_shard,
+    artworks_to_extract,
+    log_store,
+)
+
 if TYPE_CHECKING:
     from collection.layout import Artwork, Collection
     from index.featurestore import FeatureStore, RegionRecord
@@ -37,7 +45,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SHARD_RECORDS = 256  # artworks per feature-store shard, as on the local path
 # Ray Data restarts a dead actor and retries its task forever by default: one image that
 # crashes the detector (out of memory, a segfault in a kernel) would then loop forever.
 # A few restarts ride out a lost node; after that the run fails and a rerun resumes.
@@ -66,11 +73,6 @@ class DetectorSource:
         if self.torchvision_backbone:
             return RegionExtractor.from_torchvision_weights(self.torchvision_backbone, self.path, device)
         return RegionExtractor.from_checkpoint(self.path, device)
-
-
-def annotation_boxes(artwork: Artwork) -> np.ndarray:
-    """(m, 4) float32 xyxy original pixels: the boxes the local path passes as ``extra_boxes``."""
-    return np.asarray([a.box for a in artwork.annotations], dtype=np.float32).reshape(-1, 4)
 
 
 def decode_artwork(row: dict[str, Any]) -> dict[str, Any]:
@@ -114,10 +116,8 @@ class RegionBatchExtractor:
         errors = [str(e) for e in batch["error"]]
         usable = [i for i, error in enumerate(errors) if not error]
         images = [Image.fromarray(np.asarray(batch["pixels"][i], dtype=np.uint8)) for i in usable]
-        # As the local path: an artwork without annotations passes None, not an empty array.
-        extra = [np.asarray(batch["extra_boxes"][i]).reshape(-1, 4) for i in usable]
-        found = dict(zip(usable, self.extractor.extract(images, extra_boxes=[b if len(b) else None for b in extra]),
-                         strict=True))
+        extra = [batch["extra_boxes"][i] for i in usable]  # each (m, 4), as annotation_boxes made it
+        found = dict(zip(usable, self.extractor.extract(images, extra_boxes=extra), strict=True))
         nothing = RegionRecord(np.zeros((0, 4)), np.zeros(0), np.zeros((0, self.dim), np.float16), np.zeros(0))
         records = [found.get(i, nothing) for i in range(len(errors))]
         return {
@@ -158,8 +158,7 @@ def extract_collection_ray(
     from tqdm import tqdm
 
     ray = _import_ray()
-    todo = [a for a in collection.artworks if a.image is not None and not store.has(a.id)]
-    present = sum(1 for a in collection.artworks if store.has(a.id))
+    todo, present = artworks_to_extract(collection, store)
     counts: dict[str, Any] = {
         "extracted": 0, "already_present": present, "unreadable": 0, "rows": 0, "failures": [],
     }
@@ -191,8 +190,7 @@ def extract_collection_ray(
     finally:
         if started_here:
             ray.shutdown()
-    log.info("feature store %s: %d artworks, %d rows of dim %s", store.root, len(store.keys()),
-             len(store), store.dim)
+    log_store(store)
     return counts
 
 
@@ -216,9 +214,8 @@ def _commit(regions: Any, store: FeatureStore, counts: dict[str, Any], shard_rec
                     features=batch["features"][i], kinds=batch["kinds"][i],
                 )
         if pending:
-            spans = store.append_many(pending.items())
+            counts["rows"] += append_shard(store, pending.items())
             counts["extracted"] += len(pending)
-            counts["rows"] += sum(count for _, count in spans.values())
         bar.update(len(batch["key"]))
 
 

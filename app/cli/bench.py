@@ -1,35 +1,47 @@
-"""`artalign bench ...`: benchmarks that compare implementations side by side."""
+"""`artalign bench ...`: benchmarks that compare implementations side by side.
+
+Each benchmark is a module of bench/ with ``add_arguments(parser)`` and ``main(options)``
+(also runnable as ``python -m bench.NAME``). Their top-level imports are standard library
+only, so importing them here for their arguments keeps ``artalign --help`` fast; numpy,
+torch, httpx and the rest load when a benchmark runs.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+
+# (sub-command, module, help): one row per benchmark.
+BENCHMARKS = [
+    ("scoring", "bench.scoring",
+     "cross-attention scoring: batched xattn_similarity vs a per-caption loop vs one matmul"),
+    ("search", "bench.search",
+     "two-stage search (FAISS top-K, then cross attention) vs scoring every fragment"),
+    ("extract", "bench.extract",
+     "region-extraction throughput per detector backbone, on the same images"),
+    ("ray-extract", "bench.ray_extract",
+     "region extraction: the local path vs the Ray path, plus the per-image sizes for scaling"),
+    ("http", "bench.http",
+     "HTTP latency (p50/p95) of GET /search and POST /annotate on a running service"),
+]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from bench.scoring import add_arguments  # stdlib only at import: --help stays fast
-
     bench = subparsers.add_parser(
         "bench",
         help="benchmarks: time our implementations against references, print a table and JSON",
-        description="Benchmarks: each compares implementations side by side in one run.",
-    )
-    kinds = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
-    scoring = kinds.add_parser(
-        "scoring",
-        help="cross-attention scoring: batched xattn_similarity vs a per-caption loop vs one matmul",
         description=(
-            "Times models.scan.xattn_similarity against the reference implementation's "
-            "per-caption loop and against the floor (one matrix product of all regions and "
-            "all words), on random inputs, CPU, float32, both directions (t2i and i2t). "
-            "Reports pairs/s, the speed-up over the loop, the time over the floor and the "
-            "largest score difference from the loop."
+            "Benchmarks: each compares implementations side by side in one run, prints a table "
+            "and a JSON report, and with --json PATH also writes the report there. "
+            "`artalign bench NAME --help` says what NAME measures."
         ),
     )
-    add_arguments(scoring)
-    scoring.set_defaults(handler=_scoring)
-
-
-def _scoring(args: argparse.Namespace) -> int:
-    from bench.scoring import main
-
-    return main(args)
+    kinds = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
+    for name, module_name, help_text in BENCHMARKS:
+        module = importlib.import_module(module_name)
+        parser = kinds.add_parser(
+            name, help=help_text, description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(parser)
+        parser.set_defaults(handler=module.main)

@@ -4,19 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from collection.layout import Collection
-    from index.featurestore import FeatureStore
-    from models.regions import RegionExtractor
-
-log = logging.getLogger(__name__)
-
-SHARD_RECORDS = 256  # artworks per feature-store shard: an interruption loses at most these
-
+# Light at import (its heavy imports are inside the functions). SHARD_RECORDS is read here at
+# call time and passed to both engines, so the command decides the shard size.
+from training.extract import SHARD_RECORDS, extract_collection
 
 # Named here rather than imported from models.regions so that `artalign --help` does not load
 # torch; DetectorConfig validates the name and lists the choices when it is wrong.
@@ -148,60 +140,12 @@ def run_extract(args: argparse.Namespace) -> int:
 
         detector = DetectorSource(str(args.detector.resolve()), args.torchvision_backbone)
         counts = extract_collection_ray(collection, detector, store, address=args.address,
-                                        concurrency=args.concurrency, batch_size=args.batch_size)
+                                        concurrency=args.concurrency, batch_size=args.batch_size,
+                                        shard_records=SHARD_RECORDS)
     elif args.address or args.concurrency:
         raise ValueError("--address and --concurrency only apply to --engine ray")
     else:
-        counts = extract_collection(collection, extractor, store, batch_size=args.batch_size)
+        counts = extract_collection(collection, extractor, store, batch_size=args.batch_size,
+                                    shard_records=SHARD_RECORDS)
     print(json.dumps({"store": str(store.root), **counts}))
     return 0
-
-
-def extract_collection(
-    collection: Collection, extractor: RegionExtractor, store: FeatureStore, *, batch_size: int = 8,
-    progress: bool = True,
-) -> dict[str, int]:
-    """Append every artwork of ``collection`` not yet in ``store``; returns counts.
-
-    An image that cannot be decoded is logged and skipped (the run goes on; rerunning tries
-    it again). Records are appended in shards of ``SHARD_RECORDS`` artworks.
-    """
-    from tqdm import tqdm
-
-    from collection.images import ImageError, load_image
-
-    todo = [a for a in collection.artworks if a.image is not None and not store.has(a.id)]
-    skipped_present = sum(1 for a in collection.artworks if store.has(a.id))
-    log.info("extracting %d artworks (%d already in %s)", len(todo), skipped_present, store.root)
-    pending: list = []
-    counts = {"extracted": 0, "already_present": skipped_present, "unreadable": 0, "rows": 0}
-    bar = tqdm(total=len(todo), desc="extracting", unit="image", disable=not progress)
-    for start in range(0, len(todo), batch_size):
-        chunk, images = [], []
-        for artwork in todo[start : start + batch_size]:
-            try:
-                images.append(load_image(collection.image_path(artwork)))
-                chunk.append(artwork)
-            except ImageError as exc:
-                log.warning("skipping %s: %s", artwork.id, exc)
-                counts["unreadable"] += 1
-        boxes = [[a.box for a in artwork.annotations] or None for artwork in chunk]
-        for artwork, record in zip(chunk, extractor.extract(images, extra_boxes=boxes), strict=True):
-            pending.append((artwork.id, record))
-        bar.update(len(todo[start : start + batch_size]))
-        if len(pending) >= SHARD_RECORDS:
-            counts["rows"] += _flush(store, pending)
-            counts["extracted"] += len(pending)
-            pending = []
-    if pending:
-        counts["rows"] += _flush(store, pending)
-        counts["extracted"] += len(pending)
-    bar.close()
-    log.info("feature store %s: %d artworks, %d rows of dim %s", store.root, len(store.keys()), len(store),
-             store.dim)
-    return counts
-
-
-def _flush(store: FeatureStore, pending: list) -> int:
-    spans = store.append_many(pending)
-    return sum(count for _, count in spans.values())

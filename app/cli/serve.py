@@ -120,12 +120,12 @@ def prepare_demo(*, collection: Path, database_url: str, data_dir: Path, detecto
     Every step skips work already done, so a second run (or one after an interruption)
     only does what is missing.
     """
-    from app.cli.regions import extract_collection
     from app.db.session import create_db_engine, session_factory, upgrade
     from app.services.ingest import ingest_collection
     from app.services.retrieval import Engine
     from collection.layout import Collection
     from index.featurestore import FeatureStore
+    from training.extract import extract_collection
 
     if not (collection / "collection.json").is_file():
         from collection.synth import synthesise

@@ -1,0 +1,58 @@
+"""What every benchmark does once it has run: print its table and its JSON report, write the
+JSON atomically when asked; and the ``python -m bench.X`` entry point.
+
+Standard library only: ``artalign bench`` imports the benchmark modules (for their
+arguments) when it builds its parser, and ``artalign --help`` has to stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+log = logging.getLogger(__name__)
+
+
+def write_json(path: Path, report: dict[str, Any]) -> None:
+    """Atomically: a temporary file beside ``path``, then os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def publish(report: dict[str, Any], table_text: str, json_path: Path | None) -> None:
+    """Print the table (for people) and the JSON report (for scripts); write the JSON to
+    ``json_path`` too unless it is None."""
+    print(table_text)
+    print(json.dumps(report, indent=2))
+    if json_path is not None:
+        write_json(json_path, report)
+        log.info("wrote %s", json_path)
+
+
+def run_as_main(
+    prog: str,
+    doc: str | None,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    main: Callable[[argparse.Namespace], int],
+) -> NoReturn:
+    """``python -m bench.X``: the benchmark's own parser (described by the first paragraph of
+    its docstring ``doc``), logging at INFO, then ``main``'s return value as the exit status."""
+    parser = argparse.ArgumentParser(prog=prog, description=(doc or "").split("\n\n")[0])
+    add_arguments(parser)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.exit(main(parser.parse_args()))
