@@ -393,6 +393,7 @@ def import_scan_features(out: str | Path, *, data: Path,
     from tqdm import tqdm
 
     from index.featurestore import FeatureStore, RegionRecord
+    from index.fragments import EXTRACTED, WHOLE
 
     data = Path(data)
     for prefix in splits:
@@ -402,7 +403,8 @@ def import_scan_features(out: str | Path, *, data: Path,
     with CollectionWriter(out, name=name or Path(out).name, source=f"scan-features:{data}",
                           force=force) as writer:
         problems = _Problems(writer, skip_bad)
-        store: FeatureStore | None = None
+        # Created on the first append; its dim is the first record's.
+        store = FeatureStore(writer.root / "features", extractor=SCAN_FEATURES_EXTRACTOR)
         pending: dict[str, _Pending] = {}
         for prefix in splits:
             features, captions = _read_scan_split(data, prefix, problems)
@@ -433,17 +435,12 @@ def import_scan_features(out: str | Path, *, data: Path,
                     boxes=np.zeros((n + 1, 4), np.float32),
                     scores=np.ones(n + 1, np.float32),
                     features=np.concatenate([whole, regions]),  # (n + 1, D)
-                    kinds=np.array([0] + [1] * n, np.int8),
+                    kinds=np.array([WHOLE] + [EXTRACTED] * n, np.int8),
                 )))
                 if len(batch) == shard_images:
-                    store = store or FeatureStore(writer.root / "features", dim=regions.shape[1],
-                                                  extractor=SCAN_FEATURES_EXTRACTOR)
                     store.append_many(batch)
                     batch = []
             if batch:
-                store = store or FeatureStore(writer.root / "features",
-                                              dim=int(features.shape[2]),
-                                              extractor=SCAN_FEATURES_EXTRACTOR)
                 store.append_many(batch)
         _add_with_phrases(writer, list(pending.values()))
     return writer.counts

@@ -151,7 +151,7 @@ def _is_modifier(doc: Doc, i: int) -> bool:
         return False
     if token.pos_ in MODIFIER or _is_nominal(doc, i):
         return True
-    return (token.tag_ in PARTICIPLES and i + 1 < len(doc) and not token.is_punct
+    return (token.tag_ in PARTICIPLES and i + 1 < len(doc)
             and doc[i + 1].pos_ in MODIFIER and not _is_junk(doc[i + 1]))
 
 

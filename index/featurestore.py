@@ -101,6 +101,9 @@ class FeatureStore:
         self.root = Path(root)
         self._manifest_path = self.root / MANIFEST
         self._shards: list[dict] = []
+        # Rows in all shards: kept, not summed, because loading the manifest asks for it once
+        # per shard and the service appends one shard per ingested image.
+        self._rows = 0
         self._dim = dim
         self._extractor = extractor
         self._index: dict[str, tuple[int, int]] = {}
@@ -121,7 +124,7 @@ class FeatureStore:
         return self._extractor
 
     def __len__(self) -> int:
-        return int(sum(shard["rows"] for shard in self._shards))
+        return self._rows
 
     def __contains__(self, key: object) -> bool:
         return key in self._index
@@ -167,11 +170,6 @@ class FeatureStore:
             local = rows[where] - self._shard_starts[shard]
             out[where] = self._open_shard(int(shard))["features"][local]
         return out
-
-    def iter_records(self) -> Iterator[tuple[str, RegionRecord]]:
-        """(key, record) for every key, in append order."""
-        for key in self._index:
-            yield key, self.get(key)
 
     # -- writing ------------------------------------------------------------------------
 
@@ -311,6 +309,7 @@ class FeatureStore:
         self._dim = stored_dim
         self._extractor = stored_extractor if stored_extractor is not None else extractor
         self._shards = []
+        self._rows = 0
         self._index = {}
         self._shard_starts = np.zeros(0, dtype=np.int64)
         self._arrays = {}
@@ -340,6 +339,7 @@ class FeatureStore:
     def _add_shard(self, shard: dict) -> None:
         start = len(self)
         self._shards.append(shard)
+        self._rows += int(shard["rows"])
         self._shard_starts = np.append(self._shard_starts, start)
         for key, (key_start, count) in shard["keys"].items():
             self._index[key] = (int(key_start), int(count))

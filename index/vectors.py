@@ -129,8 +129,13 @@ class VectorIndex:
             self._quantizer = faiss.IndexFlatIP(dim)  # kept referenced: the IVF index uses it
             self._index = faiss.IndexIVFFlat(self._quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
             self._index.nprobe = nprobe
+        self._init_search_state(use_gpu)
+
+    def _init_search_state(self, use_gpu: bool | None) -> None:
+        """The locks and the GPU copy, shared by a new index and a loaded one."""
         self.use_gpu = faiss.get_num_gpus() > 0 if use_gpu is None else use_gpu
         self._gpu_index: Any = None  # a search copy, rebuilt after the CPU index changes
+        self._gpu_resources: Any = None
         self._lock = ReadWriteLock()
         self._gpu_lock = threading.Lock()
 
@@ -221,9 +226,9 @@ class VectorIndex:
         with self._gpu_lock:  # two searches must not both copy the index
             if self._gpu_index is None:
                 try:
-                    resources = getattr(self, "_gpu_resources", None) or faiss.StandardGpuResources()
-                    self._gpu_resources = resources
-                    self._gpu_index = faiss.index_cpu_to_gpu(resources, 0, self._index)
+                    if self._gpu_resources is None:
+                        self._gpu_resources = faiss.StandardGpuResources()
+                    self._gpu_index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self._index)
                 except (AttributeError, RuntimeError) as exc:
                     log.warning("searching on the CPU: FAISS could not copy the index to the GPU (%s)", exc)
                     self.use_gpu = False
@@ -278,10 +283,7 @@ class VectorIndex:
         index._index = faiss_index
         if index.kind == "ivf":
             faiss_index.nprobe = index.nprobe
-        index.use_gpu = faiss.get_num_gpus() > 0 if use_gpu is None else use_gpu
-        index._gpu_index = None
-        index._lock = ReadWriteLock()
-        index._gpu_lock = threading.Lock()
+        index._init_search_state(use_gpu)
         return index
 
 

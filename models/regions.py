@@ -34,6 +34,7 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops import boxes as box_ops
 
 from index.featurestore import RegionRecord
+from index.fragments import ANNOTATION, EXTRACTED, WHOLE
 from models.checkpoint import CheckpointError, file_sha256, load_checkpoint
 
 TORCHVISION_BACKBONES = {
@@ -43,7 +44,6 @@ TORCHVISION_BACKBONES = {
 }
 BACKBONES = ("compact_fpn", *TORCHVISION_BACKBONES)
 CHECKPOINT_KIND = "detector"
-WHOLE, EXTRACTED, ANNOTATION, GIVEN = 0, 1, 2, 3  # RegionRecord kinds
 FILL_NMS = 0.7  # IoU of the looser NMS that min_k is topped up from (the RPN's own threshold)
 
 

@@ -277,7 +277,7 @@ def run_grid(checkpoint: Path, collection_root: Path, *, features: Path | None =
     base = load_checkpoint(checkpoint, kind="scan").record or {}
     if "options" not in base:
         raise ValueError(f"{checkpoint}: its record holds no training options to vary")
-    folder = Path(checkpoint).with_suffix("").parent / f"{Path(checkpoint).stem}-grid"
+    folder = Path(checkpoint).parent / f"{Path(checkpoint).stem}-grid"
     rows = []
     for label, direction, agg, bidirectional in GRID:
         options = dict(base["options"], collection=str(collection_root), direction=direction,
