@@ -43,4 +43,6 @@ VOLUME ["/var/lib/artalign"]
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"
-CMD ["artalign", "serve", "--host", "0.0.0.0", "--port", "8000"]
+# The schema first (a no-op when current): `artalign serve` refuses an unmigrated database.
+# docker-compose.yml runs the two as separate services instead.
+CMD ["sh", "-c", "artalign db upgrade && exec artalign serve --host 0.0.0.0 --port 8000"]

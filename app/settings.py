@@ -41,7 +41,6 @@ class Retrieval(BaseModel):
     """The two-stage search: FAISS candidates, then the cross-attention rerank."""
 
     candidates: int = Field(100, ge=1, le=10_000, description="K: candidates reranked by SCAN")
-    max_limit: int = Field(100, ge=1, description="most results one page may hold")
 
 
 class Settings(BaseSettings):
@@ -71,11 +70,9 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _known_database(cls, url: str) -> str:
-        if not url.startswith(("sqlite", "postgresql")):
-            raise ValueError(
-                f"database_url {url!r}: use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
-            )
-        return url
+        from app.db.session import check_database_url
+
+        return check_database_url(url)
 
     @field_validator("data_dir", "scan_checkpoint", "detector_checkpoint")
     @classmethod
@@ -95,9 +92,6 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _limits_consistent(self) -> Settings:
         self.limits.inference_threads = min(self.limits.inference_threads, self.limits.max_inflight)
-        if self.retrieval.max_limit > self.retrieval.candidates:
-            # a page can never hold more than the candidates the rerank saw
-            self.retrieval.max_limit = self.retrieval.candidates
         return self
 
     def api_key_hashes(self) -> frozenset[str]:

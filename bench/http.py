@@ -42,14 +42,10 @@ class EndpointResult:
 
 
 def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0..100) by linear interpolation between closest ranks."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+    """The q-th percentile (0..100), interpolated linearly between closest ranks; NaN when empty."""
+    import numpy as np
+
+    return float(np.percentile(values, q)) if values else float("nan")
 
 
 async def _sample_inputs(client: httpx.AsyncClient, artworks: int, seed: int

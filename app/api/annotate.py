@@ -8,8 +8,8 @@ from fastapi import APIRouter, Query, Request
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
-from app.api.deps import RuntimeDep, SessionDep
-from app.api.errors import Problem
+from app.api.deps import RuntimeDep, SessionDep, content_type
+from app.api.errors import Problem, invalid_request
 from app.api.schemas import AnnotateBox, AnnotateResult, PhraseArtwork, PhraseHit
 from app.main import Runtime
 
@@ -59,7 +59,7 @@ async def annotate(
     limit: Annotated[int, Query(ge=1, le=100, description="phrases to return")] = 10,
     min_score: Annotated[float | None, Query(ge=-1, le=1, description="drop phrases scoring below")] = None,
 ) -> AnnotateResult:
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    media_type = content_type(request)
     timings: dict[str, float] = {}
     k = max(runtime.settings.retrieval.candidates, limit)
     if media_type == "multipart/form-data":
@@ -92,11 +92,7 @@ def _parse_box(body: bytes) -> AnnotateBox:
     try:
         return AnnotateBox.model_validate_json(body)
     except ValidationError as exc:
-        errors = [{"field": ".".join(str(p) for p in e["loc"]) or "body", "message": e["msg"]}
-                  for e in exc.errors()]
-        raise Problem(422, "invalid-request", "Invalid request",
-                      "; ".join(f"{e['field']}: {e['message']}" for e in errors),
-                      extra={"errors": errors}) from None
+        raise invalid_request(exc.errors()) from None
 
 
 def _annotate_upload(runtime: Runtime, session: Session, image_bytes: bytes, *, k: int,

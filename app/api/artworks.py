@@ -18,8 +18,8 @@ from fastapi.responses import FileResponse
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
-from app.api.deps import RuntimeDep, SessionDep, WriterDep
-from app.api.errors import NotFound, Problem, to_problem
+from app.api.deps import RuntimeDep, SessionDep, WriterDep, content_type
+from app.api.errors import NotFound, Problem, invalid_request, to_problem
 from app.api.schemas import (
     MAX_ID,
     AnnotationCreate,
@@ -67,7 +67,7 @@ def require_media_type(*accepted: str) -> Any:
     """A dependency refusing bodies of another Content-Type with 415 before they are parsed."""
 
     def check(request: Request) -> None:
-        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        media_type = content_type(request)
         if media_type not in accepted:
             raise Problem(415, "unsupported-media-type", "Unsupported media type",
                           f"Content-Type {media_type or '(none)'!r}: send {' or '.join(accepted)}")
@@ -166,7 +166,7 @@ def get_artwork_by_external_id(
 async def batch(
     request: Request, runtime: RuntimeDep, session: SessionDep, _key: WriterDep
 ) -> BatchReport:
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    media_type = content_type(request)
     body = await request.body()
     if media_type == "application/json":
         try:
@@ -311,14 +311,7 @@ def _parse_artwork(text: str, *, external_id: str | None = None) -> ArtworkIn:
     try:
         return ArtworkIn.model_validate(raw)
     except ValidationError as exc:
-        raise _invalid("artwork", exc) from None
-
-
-def _invalid(where: str, exc: ValidationError) -> Problem:
-    errors = [{"field": ".".join([where, *(str(p) for p in e["loc"])]), "message": e["msg"]}
-              for e in exc.errors()]
-    return Problem(422, "invalid-request", "Invalid request",
-                   "; ".join(f"{e['field']}: {e['message']}" for e in errors), extra={"errors": errors})
+        raise invalid_request(exc.errors(), where="artwork") from None
 
 
 def _ingest(runtime: Runtime, session: Session, item: ArtworkIn, image_bytes: bytes) -> IngestReport:
@@ -363,8 +356,9 @@ def _ingest_batch(runtime: Runtime, session: Session, raw_items: list[Any]) -> l
             artwork = ArtworkIn.model_validate(item.model_dump(exclude={"image_base64"}))
             report = _ingest(runtime, session, artwork, image_bytes)
         except ValidationError as exc:
+            problem = invalid_request(exc.errors(), where=f"[{position}]")
             reports.append(BatchItemReport(position=position, external_id=external_id,
-                                           status="failed", error=_invalid(f"[{position}]", exc).detail))
+                                           status="failed", error=problem.detail))
             continue
         except Exception as exc:
             problem = to_problem(exc)

@@ -1,9 +1,10 @@
-"""Dependencies: how a route reaches the settings, a database session, the engine and the pool."""
+"""Dependencies: how a route reaches the runtime (settings, engine, pool), a database session
+and the caller's API key."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
@@ -11,10 +12,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.api.errors import Problem
-from app.api.inference import InferencePool
-from app.api.metrics import Metrics
 from app.main import Runtime
-from app.settings import Settings, hash_api_key
+from app.settings import hash_api_key
 
 
 def get_runtime(request: Request) -> Runtime:
@@ -24,32 +23,17 @@ def get_runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-def get_settings(runtime: RuntimeDep) -> Settings:
-    return runtime.settings
-
-
 def get_session(runtime: RuntimeDep) -> Iterator[Session]:
     with runtime.sessions() as session:
         yield session
 
 
-def get_engine(runtime: RuntimeDep) -> Any:
-    return runtime.engine
-
-
-def get_pool(runtime: RuntimeDep) -> InferencePool:
-    return runtime.pool
-
-
-def get_metrics(runtime: RuntimeDep) -> Metrics:
-    return runtime.metrics
-
-
-SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
-EngineDep = Annotated[Any, Depends(get_engine)]
-PoolDep = Annotated[InferencePool, Depends(get_pool)]
-MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+
+
+def content_type(request: Request) -> str:
+    """The request's media type, lower-cased, without parameters ("" when none was sent)."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 api_key_header = APIKeyHeader(
     name="X-API-Key", auto_error=False,

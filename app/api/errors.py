@@ -8,6 +8,7 @@ a problem document ``{"type", "title", "status", "detail", "instance", ...}``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -114,11 +115,17 @@ def to_problem(exc: BaseException) -> Problem | None:
     return None
 
 
-def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
-    return [
-        {"field": ".".join(str(part) for part in error.get("loc", ())), "message": error.get("msg", "")}
-        for error in exc.errors()
+def invalid_request(errors: Sequence[Mapping[str, Any]], *, where: str = "") -> Problem:
+    """A 422 naming every invalid field, from pydantic's error list (``where`` prefixes each
+    location, e.g. the form part or the batch position the errors come from)."""
+    prefix = [where] if where else []
+    fields = [
+        {"field": ".".join(str(part) for part in [*prefix, *error.get("loc", ())]) or "body",
+         "message": error.get("msg", "")}
+        for error in errors
     ]
+    detail = "; ".join(f"{f['field']}: {f['message']}" for f in fields) or "invalid request"
+    return Problem(422, "invalid-request", "Invalid request", detail, extra={"errors": fields})
 
 
 def install(app: FastAPI) -> None:
@@ -126,11 +133,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = _validation_errors(exc)
-        detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors) or "invalid request"
-        return problem_response(
-            request, Problem(422, "invalid-request", "Invalid request", detail, extra={"errors": errors})
-        )
+        return problem_response(request, invalid_request(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

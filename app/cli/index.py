@@ -34,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     from app.db.session import create_db_engine, database_url, session_factory
+    from app.services.ingest import resolve_device
     from app.services.retrieval import Engine
     from app.settings import Settings
     from index.featurestore import FeatureStore
@@ -41,10 +42,13 @@ def run_build(args: argparse.Namespace) -> int:
 
     settings = Settings()
     data_dir = args.data_dir or settings.data_dir
-    model, vocab, checkpoint = load_scan(args.scan_checkpoint or settings.scan_checkpoint)
+    device = resolve_device(args.device)
+    model, vocab, checkpoint = load_scan(args.scan_checkpoint or settings.scan_checkpoint,
+                                         device=device)
     database = create_db_engine(database_url(args.database_url or settings.database_url))
     engine = Engine(model=model, vocab=vocab, model_version=checkpoint.sha256,
-                    store=FeatureStore(data_dir / "features"), index_dir=data_dir / "index")
+                    store=FeatureStore(data_dir / "features"), index_dir=data_dir / "index",
+                    device=device)
     try:
         with session_factory(database)() as session:
             if args.force:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, inspect
@@ -26,7 +24,11 @@ DEFAULT_CONNECT_TIMEOUT = 5  # seconds to reach PostgreSQL before a connection a
 
 def database_url(explicit: str | None = None) -> str:
     """The URL to use: ``explicit``, else ``$ARTALIGN_DATABASE_URL``, else the SQLite default."""
-    url = explicit or os.environ.get("ARTALIGN_DATABASE_URL") or DEFAULT_DATABASE_URL
+    return check_database_url(explicit or os.environ.get("ARTALIGN_DATABASE_URL") or DEFAULT_DATABASE_URL)
+
+
+def check_database_url(url: str) -> str:
+    """``url`` if it names a database we support (SQLite, PostgreSQL), with psycopg as driver."""
     if not url.startswith(("sqlite", "postgresql")):
         raise ValueError(
             f"database URL {url!r}: use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
@@ -69,13 +71,6 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001 (DB-API 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
     # expire_on_commit=False: results returned by services stay readable after their commit.
     return sessionmaker(bind=engine, expire_on_commit=False)
-
-
-@contextmanager
-def session_scope(engine: Engine) -> Iterator[Session]:
-    """A session that is closed afterwards (services commit or roll back themselves)."""
-    with session_factory(engine)() as session:
-        yield session
 
 
 def alembic_config(url: str):  # noqa: ANN201 (alembic imported lazily)

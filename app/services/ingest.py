@@ -442,8 +442,7 @@ def ingest_collection_into(
 ) -> Counter[str]:
     """Ingest a collection folder into the database at ``database_url`` and the feature store
     under ``data_dir``, then (with a ``scan`` checkpoint) bring the indexes up to date, so a
-    service started next loads them instead of rebuilding. Used by `artalign ingest` and
-    `artalign demo`."""
+    service started next loads them instead of rebuilding. Used by `artalign ingest`."""
     from app.db.session import create_db_engine, session_factory
     from collection.layout import Collection
     from models.regions import RegionExtractor

@@ -119,7 +119,7 @@ class Engine:
     def __init__(
         self, *, model: Any, vocab: Vocabulary, model_version: str, store: FeatureStore,
         index_dir: str | Path, extractor: Any = None, image_dir: str | Path | None = None,
-        device: str = "cpu", autosave: bool = True, exact_below: int | None = None,
+        device: str = "cpu",
     ) -> None:
         self.model = model
         self.vocab = vocab
@@ -129,8 +129,6 @@ class Engine:
         self.index_dir = Path(index_dir)
         self.image_dir = Path(image_dir) if image_dir is not None else None
         self.device = torch.device(device)
-        self.autosave = autosave
-        self.exact_below = exact_below
         dim = model.config.embed_dim
         self.indexes: dict[str, VectorIndex] = {name: VectorIndex(dim) for name in INDEXES}
         self._write_lock = threading.Lock()  # one index writer at a time (updates, rebuilds)
@@ -217,14 +215,9 @@ class Engine:
                 for name in only:
                     ids, vectors = (self._all_fragment_vectors(session, progress) if name == "fragments"
                                     else self._all_phrase_vectors(session, progress))
-                    built[name] = VectorIndex.build(
-                        ids, vectors, dim=self.model.config.embed_dim,
-                        **({"exact_below": self.exact_below} if self.exact_below else {}),
-                    )
+                    built[name] = VectorIndex.build(ids, vectors, dim=self.model.config.embed_dim)
                 self.indexes.update(built)  # the swap: searches from now on see the new ones
-                for name in only:
-                    self.indexes[name].save(self.index_dir / name, model_version=self.model_version,
-                                            state={name: state[name]})
+                self._save(state, only)
             except BaseException:
                 session.rollback()
                 build.state, build.finished_at = "failed", datetime.now(UTC)
@@ -258,17 +251,12 @@ class Engine:
                 if rows:
                     phrases.add(np.array([r.id for r in rows], dtype=np.int64),
                                 self._pooled_phrases([r.text for r in rows]))
-            if self.autosave:
-                self._save(session)
+            self._save(database_state(session))
 
-    def save(self, session: Session) -> None:
-        """Write both indexes with the database state they reflect now."""
-        with self._write_lock:
-            self._save(session)
-
-    def _save(self, session: Session) -> None:
-        state = database_state(session)
-        for name in INDEXES:
+    def _save(self, state: dict[str, list[int]], names: Sequence[str] = INDEXES) -> None:
+        """Write the indexes ``names`` with the database ``state`` they reflect (the caller
+        holds the write lock)."""
+        for name in names:
             self.indexes[name].save(self.index_dir / name, model_version=self.model_version,
                                     state={name: state[name]})
 
