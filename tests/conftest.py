@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,48 +40,50 @@ def _pg_admin_engine():  # noqa: ANN202 (sqlalchemy imported lazily)
     return create_engine(database_url(PG_SERVER_URL), isolation_level="AUTOCOMMIT")
 
 
-@pytest.fixture(scope="session")
-def _pg_template() -> Iterator[str]:
-    """A database migrated once per test session; each test's database is a copy of it
-    (CREATE DATABASE … TEMPLATE is much faster than running every migration again)."""
+@contextmanager
+def migrated_pg_database(prefix: str, *, template: str | None = None) -> Iterator[str]:
+    """A new, uniquely named PostgreSQL database at the newest migration; its URL is yielded
+    and the database is dropped afterwards. ``template`` copies an already migrated database
+    (CREATE DATABASE … TEMPLATE is much faster than running every migration again); the
+    upgrade is then a no-op that checks the copy is where the migrations say. Skips the test
+    when the server is not reachable."""
     from sqlalchemy.exc import OperationalError
 
     from app.db.session import upgrade
 
     admin = _pg_admin_engine()
-    name = f"artalign_template_{uuid.uuid4().hex[:12]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    copy = f' TEMPLATE "{template}"' if template else ""
     try:
         with admin.connect() as connection:
-            connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+            connection.exec_driver_sql(f'CREATE DATABASE "{name}"{copy}')
     except OperationalError as exc:
         admin.dispose()
         pytest.skip(f"PostgreSQL at {PG_SERVER_URL} is not reachable ({exc.orig})")
-    try:
-        upgrade(admin.url.set(database=name).render_as_string(hide_password=False))
-        yield name
-    finally:
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
-
-
-@pytest.fixture
-def pg_url(_pg_template: str) -> Iterator[str]:
-    """A fresh, uniquely named PostgreSQL database at the newest migration; dropped after."""
-    from app.db.session import upgrade
-
-    admin = _pg_admin_engine()
-    name = f"artalign_test_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as connection:
-        connection.exec_driver_sql(f'CREATE DATABASE "{name}" TEMPLATE "{_pg_template}"')
     url = admin.url.set(database=name).render_as_string(hide_password=False)
     try:
-        upgrade(url)  # a no-op at head; it checks the copy is where the migrations say
+        upgrade(url)
         yield url
     finally:
         with admin.connect() as connection:
             connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def _pg_template() -> Iterator[str]:
+    """The name of a database migrated once per test session; each test's database copies it."""
+    from sqlalchemy.engine import make_url
+
+    with migrated_pg_database("artalign_template") as url:
+        yield make_url(url).database
+
+
+@pytest.fixture
+def pg_url(_pg_template: str) -> Iterator[str]:
+    """A fresh, uniquely named PostgreSQL database at the newest migration; dropped after."""
+    with migrated_pg_database("artalign_test", template=_pg_template) as url:
+        yield url
 
 
 @pytest.fixture

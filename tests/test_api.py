@@ -12,16 +12,15 @@ from __future__ import annotations
 import base64
 import io
 import json
-import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import TinyCheckpoints, image_bytes
+from tests.conftest import TinyCheckpoints, image_bytes, migrated_pg_database
 
 pytestmark = pytest.mark.postgres
 
@@ -34,31 +33,10 @@ DEMO_MODELS = Path(__file__).resolve().parents[1] / "demo"
 # -- shared by the API test files ----------------------------------------------------------
 
 
-@contextmanager
-def pg_database() -> Iterator[str]:
+def pg_database() -> AbstractContextManager[str]:
     """A fresh migrated PostgreSQL database, dropped afterwards. One per test module: an app
     start per test would cost seconds. Skips when the server is not reachable."""
-    from sqlalchemy.exc import OperationalError
-
-    from app.db.session import upgrade
-    from tests.conftest import _pg_admin_engine
-
-    admin = _pg_admin_engine()
-    name = f"artalign_api_{uuid.uuid4().hex[:12]}"
-    try:
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    except OperationalError as exc:
-        admin.dispose()
-        pytest.skip(f"PostgreSQL is not reachable ({exc.orig})")
-    url = admin.url.set(database=name).render_as_string(hide_password=False)
-    try:
-        upgrade(url)
-        yield url
-    finally:
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+    return migrated_pg_database("artalign_api")
 
 
 @pytest.fixture(scope="module")
