@@ -51,6 +51,19 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class BoxColumns:
+    """An xyxy box in original image pixels, as four columns."""
+
+    x1: Mapped[float] = mapped_column(Float)
+    y1: Mapped[float] = mapped_column(Float)
+    x2: Mapped[float] = mapped_column(Float)
+    y2: Mapped[float] = mapped_column(Float)
+
+    @property
+    def box(self) -> tuple[float, float, float, float]:
+        return (self.x1, self.y1, self.x2, self.y2)
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
@@ -134,7 +147,7 @@ class ArtworkPhrase(Base):
     phrase: Mapped[Phrase] = relationship(back_populates="artwork_links")
 
 
-class Region(Base):
+class Region(BoxColumns, Base):
     """One row of the feature store seen on an artwork: whole image, extracted or annotation box."""
 
     __tablename__ = "regions"
@@ -145,21 +158,13 @@ class Region(Base):
         ForeignKey("artworks.id", ondelete="CASCADE"), index=True
     )
     store_row: Mapped[int] = mapped_column(BigInteger)
-    x1: Mapped[float] = mapped_column(Float)
-    y1: Mapped[float] = mapped_column(Float)
-    x2: Mapped[float] = mapped_column(Float)
-    y2: Mapped[float] = mapped_column(Float)
     score: Mapped[float] = mapped_column(Float)
     kind: Mapped[int] = mapped_column(SmallInteger)  # 0 whole, 1 extracted, 2 annotation, 3 given
 
     artwork: Mapped[Artwork] = relationship(back_populates="regions")
 
-    @property
-    def box(self) -> tuple[float, float, float, float]:
-        return (self.x1, self.y1, self.x2, self.y2)
 
-
-class Fragment(Base):
+class Fragment(BoxColumns, Base):
     """A box on an artwork and its region set (global feature-store rows, the box's own first)."""
 
     __tablename__ = "fragments"
@@ -169,21 +174,13 @@ class Fragment(Base):
     artwork_id: Mapped[int] = mapped_column(
         ForeignKey("artworks.id", ondelete="CASCADE"), index=True
     )
-    x1: Mapped[float] = mapped_column(Float)
-    y1: Mapped[float] = mapped_column(Float)
-    x2: Mapped[float] = mapped_column(Float)
-    y2: Mapped[float] = mapped_column(Float)
     source: Mapped[str] = mapped_column(String(16))  # FRAGMENT_SOURCES
     region_rows: Mapped[list[int]] = mapped_column(JSON)
 
     artwork: Mapped[Artwork] = relationship(back_populates="fragments")
 
-    @property
-    def box(self) -> tuple[float, float, float, float]:
-        return (self.x1, self.y1, self.x2, self.y2)
 
-
-class Annotation(Base):
+class Annotation(BoxColumns, Base):
     """A phrase on a box of an artwork: ground truth, or a suggestion a curator accepted."""
 
     __tablename__ = "annotations"
@@ -194,19 +191,11 @@ class Annotation(Base):
         ForeignKey("artworks.id", ondelete="CASCADE"), index=True
     )
     phrase_id: Mapped[int] = mapped_column(ForeignKey("phrases.id", ondelete="RESTRICT"), index=True)
-    x1: Mapped[float] = mapped_column(Float)
-    y1: Mapped[float] = mapped_column(Float)
-    x2: Mapped[float] = mapped_column(Float)
-    y2: Mapped[float] = mapped_column(Float)
     source: Mapped[str] = mapped_column(String(16))  # ANNOTATION_SOURCES
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     artwork: Mapped[Artwork] = relationship(back_populates="annotations")
     phrase: Mapped[Phrase] = relationship()
-
-    @property
-    def box(self) -> tuple[float, float, float, float]:
-        return (self.x1, self.y1, self.x2, self.y2)
 
 
 class IndexBuild(Base):
