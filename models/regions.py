@@ -16,6 +16,7 @@ ever downloaded here.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -26,10 +27,12 @@ import torch
 import torchvision
 from PIL import Image
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops import boxes as box_ops
 
@@ -54,6 +57,9 @@ class DetectorConfig:
     backbone: str = "compact_fpn"
     image_size: int = 256  # the longer image side is resized to this before detection
     class_names: list[str] = field(default_factory=lambda: ["object"])  # class-agnostic by default
+    # Words the box head also learns to name for every box (colours, motifs, counts: the words
+    # of the annotation phrases), as bottom-up attention's attribute head; [] for none.
+    attribute_names: list[str] = field(default_factory=list)
     top_k: int = 36  # at most this many detected regions per image
     min_k: int = 10  # at least this many, filled from the best remaining proposals
     score_threshold: float = 0.2  # a detected region needs this score to count toward top_k
@@ -75,6 +81,8 @@ class DetectorConfig:
             raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
         if not self.class_names:
             raise ValueError("class_names must name at least one object class")
+        if len(set(self.attribute_names)) != len(self.attribute_names):
+            raise ValueError("attribute_names must be distinct")
         if not 0 <= self.min_k <= self.top_k:
             raise ValueError(f"need 0 <= min_k <= top_k, got min_k={self.min_k}, top_k={self.top_k}")
         if self.image_size < 32:
@@ -138,8 +146,59 @@ class CompactFPNBackbone(nn.Module):
         return self.fpn(levels)
 
 
+ATTRIBUTE_PRIOR = 0.05  # the attribute logits start at this probability (a few words of many)
+
+
+class AttributeRoIHeads(RoIHeads):
+    """torchvision's box heads plus a multi-label attribute classifier on the same box features.
+
+    In training every foreground RoI also learns the attributes (``targets[i]["attributes"]``,
+    (m, A) multi-hot) of the ground-truth box it was matched to, with binary cross-entropy
+    summed over attributes and averaged over RoIs. The detection path is unchanged; what
+    changes is the representation: it must now tell a gold bird from a brown one, which is
+    what SCAN reads from it.
+    """
+
+    def __init__(self, heads: RoIHeads, num_attributes: int, representation_size: int) -> None:
+        super().__init__(
+            heads.box_roi_pool, heads.box_head, heads.box_predictor,
+            heads.proposal_matcher.high_threshold, heads.proposal_matcher.low_threshold,
+            heads.fg_bg_sampler.batch_size_per_image, heads.fg_bg_sampler.positive_fraction,
+            heads.box_coder.weights, heads.score_thresh, heads.nms_thresh, heads.detections_per_img,
+        )
+        self.attribute_predictor = nn.Linear(representation_size, num_attributes)
+        nn.init.normal_(self.attribute_predictor.weight, std=0.01)
+        nn.init.constant_(self.attribute_predictor.bias, math.log(ATTRIBUTE_PRIOR / (1 - ATTRIBUTE_PRIOR)))
+
+    def forward(self, features, proposals, image_shapes, targets=None):  # noqa: ANN001 - torchvision's
+        if not self.training:
+            return super().forward(features, proposals, image_shapes, targets)
+        if targets is None or any("attributes" not in t for t in targets):
+            raise ValueError("training a detector with attributes needs targets[i]['attributes']")
+        proposals, matched, labels, regression_targets = self.select_training_samples(proposals, targets)
+        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        class_logits, box_regression = self.box_predictor(box_features)
+        loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
+        foreground = torch.cat(labels) > 0  # (R,) RoIs matched to a ground-truth box
+        wanted = torch.cat([t["attributes"][index] for t, index in zip(targets, matched, strict=True)])
+        logits = self.attribute_predictor(box_features[foreground])  # (F, A)
+        loss_attributes = F.binary_cross_entropy_with_logits(
+            logits, wanted[foreground].to(logits.dtype), reduction="sum") / foreground.sum().clamp_min(1)
+        return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg,
+                    "loss_attributes": loss_attributes}
+
+
 def build_detector(config: DetectorConfig) -> FasterRCNN:
-    """A Faster R-CNN for ``config``, randomly initialised (trainable BatchNorm throughout)."""
+    """A Faster R-CNN for ``config``, randomly initialised (trainable BatchNorm throughout),
+    with an attribute head when ``config.attribute_names`` is not empty."""
+    model = _build_faster_rcnn(config)
+    if config.attribute_names:
+        size = int(model.roi_heads.box_predictor.cls_score.in_features)
+        model.roi_heads = AttributeRoIHeads(model.roi_heads, len(config.attribute_names), size)
+    return model
+
+
+def _build_faster_rcnn(config: DetectorConfig) -> FasterRCNN:
     common = dict(
         min_size=config.image_size,
         max_size=config.image_size,

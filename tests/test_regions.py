@@ -14,7 +14,7 @@ from app.cli import main as cli_main
 from app.cli import regions as cli_regions
 from collection.layout import Annotation, Artwork, Collection, CollectionWriter
 from index.featurestore import FeatureStore
-from models.checkpoint import CheckpointError, save_checkpoint
+from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models.regions import (
     DetectorConfig,
     RegionExtractor,
@@ -24,6 +24,8 @@ from models.regions import (
 )
 from training.detector import (
     TrainOptions,
+    attribute_targets,
+    attribute_vocabulary,
     average_precision,
     mean_average_precision,
     train_detector,
@@ -282,6 +284,74 @@ def test_a_few_training_steps_lower_the_loss():
         optimizer.step()
         losses.append(loss.item())
     assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2])
+
+
+def test_attribute_vocabulary_and_targets_come_from_the_annotation_phrases():
+    artworks = [Artwork(id=f"a{i}", image="x.png", sha256="0" * 64, width=8, height=8, split="train",
+                        annotations=[Annotation(phrase, (0, 0, 4, 4)) for phrase in phrases])
+                for i, phrases in enumerate([["two gold birds", "a red fish"], ["gold bird"], ["a gold fish"]])]
+    assert attribute_vocabulary(artworks, min_boxes=2) == ["fish", "gold"]  # "a" is a stop word
+    assert attribute_vocabulary(artworks, min_boxes=1) == ["bird", "birds", "fish", "gold", "red", "two"]
+    ids = {"fish": 0, "gold": 1, "red": 2}
+    np.testing.assert_array_equal(attribute_targets("A Gold Fish", ids), [1, 1, 0])
+    np.testing.assert_array_equal(attribute_targets("blue lotus", ids), [0, 0, 0])
+
+
+def test_the_attribute_head_learns_what_each_box_is_called():
+    torch.manual_seed(0)
+    names = ["blue", "circle", "green", "red", "square"]
+    config = DetectorConfig(**TINY, attribute_names=names)
+    model = build_detector(config).train()
+    samples = [motif_image((64, 64), s) for s in range(6)]
+    ids = {name: i for i, name in enumerate(names)}
+    targets = [{"boxes": torch.tensor([a.box for a in ann]), "labels": torch.ones(len(ann), dtype=torch.int64),
+                "attributes": torch.from_numpy(np.stack([attribute_targets(a.phrase, ids) for a in ann]))}
+               for _, ann in samples]
+    images = [to_tensor(image) for image, _ in samples]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(12):
+        parts = model(images, targets)
+        loss = sum(parts.values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(parts["loss_attributes"].item())
+    assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2])
+    with pytest.raises(ValueError, match="attributes"):
+        model(images, [{k: v for k, v in t.items() if k != "attributes"} for t in targets])
+    # The extractor reads the same box features; the head only shapes them.
+    extractor = RegionExtractor(model, config, version="test")
+    record = extractor.extract([samples[0][0]])[0]
+    assert record.features.shape[1] == TINY["representation_size"]
+    with pytest.raises(ValueError, match="distinct"):
+        DetectorConfig(**TINY, attribute_names=["red", "red"])
+
+
+def test_train_detector_command_with_attributes_starts_from_another_detector(tmp_path, capsys):
+    collection = make_collection(tmp_path / "tiny", n=4)
+    start = tmp_path / "start.pt"
+    extractor = tiny_extractor(seed=3)
+    sha = save_checkpoint(start, kind="detector", config=extractor.config.to_dict(),
+                          state_dict=extractor.model.state_dict())
+    out = tmp_path / "attributes.pt"
+    argv = ["train-detector", "--collection", str(collection.root), "--out", str(out), "--epochs", "1",
+            "--batch-size", "2", "--workers", "0", "--attributes", "--attribute-min-boxes", "1",
+            "--init", str(start), "--lr", "0"]
+    assert cli_main(argv) == 0
+    capsys.readouterr()
+    trained = load_checkpoint(out, kind="detector")
+    words = {w for artwork in collection.split("train") for a in artwork.annotations for w in a.phrase.split()}
+    assert trained.config["attribute_names"] == sorted(words)
+    assert trained.config["image_size"] == TINY["image_size"]  # the init's architecture, not the defaults
+    assert trained.record["init"] == sha
+    # With a zero learning rate the loaded weights stay as they were: they did come from --init.
+    name = "roi_heads.box_head.fc6.weight"
+    torch.testing.assert_close(trained.state_dict[name], extractor.model.state_dict()[name])
+    assert "roi_heads.attribute_predictor.weight" in trained.state_dict
+    assert RegionExtractor.from_checkpoint(out).feature_dim == TINY["representation_size"]
+    assert cli_main(argv[:-4] + ["--attribute-min-boxes", "99"]) == 2
+    assert "no annotation word is on 99 or more train boxes" in capsys.readouterr().err
 
 
 def test_train_detector_writes_a_checkpoint_and_resumes(tmp_path):

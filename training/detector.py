@@ -1,7 +1,9 @@
 """Training the region detector on a collection's annotation boxes, and its average precision.
 
 The detector learns "where are the motifs" from the collection's ground-truth annotations
-(class-agnostic by default: every box is an "object"). Validation is mAP@0.5 on the val
+(class-agnostic by default: every box is an "object"). With attributes it also learns to
+name the words of each box's phrase (:func:`attribute_vocabulary`), so its box features say
+what the phrases say, not only where an object is. Validation is mAP@0.5 on the val
 split, computed by :func:`mean_average_precision` (ours, tested against hand-made boxes).
 Training stops at ``--minutes`` or ``--epochs``, whichever comes first; the learning rate
 follows a cosine over that same budget. Every epoch ends with a validation pass and an
@@ -15,6 +17,7 @@ import logging
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +40,7 @@ from models.regions import (
     resize_for_detection,
     to_tensor,
 )
+from models.vocab import tokenize
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +129,7 @@ class DetectionSample:
     image: Tensor  # (3, h, w) float in [0, 1], longer side = image_size
     boxes: Tensor  # (m, 4) xyxy in the resized image
     labels: Tensor  # (m,) int64, 1-based (0 is background)
+    attributes: Tensor  # (m, A) float multi-hot: the attribute words of each box's phrase
 
 
 class DetectionDataset(torch.utils.data.Dataset):
@@ -138,6 +143,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         self.config = config
         self.augment = augment
         self.class_ids = {name: i + 1 for i, name in enumerate(config.class_names)}
+        self.attribute_ids = {name: i for i, name in enumerate(config.attribute_names)}
 
     def __len__(self) -> int:
         return len(self.artworks)
@@ -146,7 +152,10 @@ class DetectionDataset(torch.utils.data.Dataset):
         artwork = self.artworks[index]
         image = load_image(self.collection.image_path(artwork))
         resized, fx, fy = resize_for_detection(image, self.config.image_size)
-        boxes, labels = annotation_targets(artwork, self.class_ids)
+        boxes, labels, phrases = annotation_targets(artwork, self.class_ids)
+        attributes = np.zeros((len(phrases), len(self.attribute_ids)), dtype=np.float32)
+        for row, phrase in enumerate(phrases):
+            attributes[row] = attribute_targets(phrase, self.attribute_ids)
         boxes = boxes / np.array([fx, fy, fx, fy], dtype=np.float32)
         tensor = to_tensor(resized)
         if self.augment and random.random() < 0.5:
@@ -154,14 +163,24 @@ class DetectionDataset(torch.utils.data.Dataset):
             tensor = tensor.flip(-1)
             width = tensor.shape[-1]
             boxes = np.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], axis=1)
-        return DetectionSample(tensor, torch.from_numpy(boxes.astype(np.float32)), torch.from_numpy(labels))
+        return DetectionSample(tensor, torch.from_numpy(boxes.astype(np.float32)), torch.from_numpy(labels),
+                               torch.from_numpy(attributes))
+
+    def target(self, sample: DetectionSample) -> dict[str, Tensor]:
+        """What the model's training forward takes for ``sample``."""
+        target = {"boxes": sample.boxes, "labels": sample.labels}
+        if self.attribute_ids:
+            target["attributes"] = sample.attributes
+        return target
 
 
-def annotation_targets(artwork: Artwork, class_ids: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
-    """(boxes (m, 4) float32 original pixels, labels (m,) int64 1-based) of an artwork's
-    annotations; with one class every box is that class, otherwise phrases not in
+def annotation_targets(
+    artwork: Artwork, class_ids: dict[str, int]
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(boxes (m, 4) float32 original pixels, labels (m,) int64 1-based, phrases) of an
+    artwork's annotations; with one class every box is that class, otherwise phrases not in
     ``class_ids`` are left out."""
-    boxes, labels = [], []
+    boxes, labels, phrases = [], [], []
     for annotation in artwork.annotations:
         if len(class_ids) == 1:
             label = 1
@@ -171,7 +190,30 @@ def annotation_targets(artwork: Artwork, class_ids: dict[str, int]) -> tuple[np.
             continue
         boxes.append(annotation.box)
         labels.append(label)
-    return np.asarray(boxes, dtype=np.float32).reshape(-1, 4), np.asarray(labels, dtype=np.int64)
+        phrases.append(annotation.phrase)
+    return np.asarray(boxes, dtype=np.float32).reshape(-1, 4), np.asarray(labels, dtype=np.int64), phrases
+
+
+# Words that name no attribute of a box; everything else in an annotation phrase does.
+ATTRIBUTE_STOPWORDS = frozenset({"a", "an", "the", "of", "with", "and", "in", "on", "its", "his", "her"})
+
+
+def attribute_vocabulary(artworks: Sequence[Artwork], *, min_boxes: int = 5) -> list[str]:
+    """The attribute words a detector can learn from ``artworks``' annotations: every word of
+    an annotation phrase (tokenised as the text side does) on at least ``min_boxes`` boxes,
+    stop words left out; sorted."""
+    counts = Counter(word for artwork in artworks for annotation in artwork.annotations
+                     for word in set(tokenize(annotation.phrase)) if word not in ATTRIBUTE_STOPWORDS)
+    return sorted(word for word, count in counts.items() if count >= min_boxes)
+
+
+def attribute_targets(phrase: str, attribute_ids: dict[str, int]) -> np.ndarray:
+    """(A,) float32 multi-hot of the attribute words in ``phrase``."""
+    out = np.zeros(len(attribute_ids), dtype=np.float32)
+    for word in tokenize(phrase):
+        if word in attribute_ids:
+            out[attribute_ids[word]] = 1.0
+    return out
 
 
 def collate(samples: list[DetectionSample]) -> list[DetectionSample]:
@@ -208,7 +250,7 @@ def evaluate_detector(
         chunk = artworks[start : start + batch_size]
         images = [load_image(collection.image_path(a)) for a in chunk]
         for artwork, found in zip(chunk, extractor.detect(images), strict=True):
-            boxes, labels = annotation_targets(artwork, class_ids)
+            boxes, labels, _ = annotation_targets(artwork, class_ids)
             truth.append((boxes, labels - 1))
             detections.append((found.boxes, found.scores, found.labels))
     return mean_average_precision(detections, truth)
@@ -221,11 +263,16 @@ def train_detector(
     config: DetectorConfig | None = None,
     options: TrainOptions | None = None,
     resume: str | Path | None = None,
+    init: str | Path | None = None,
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
 ) -> dict[str, Any]:
     """Train a detector on ``collection``'s train split, checkpoint it to ``out`` after every
-    epoch and return the training record (validation mAP@0.5 included)."""
+    epoch and return the training record (validation mAP@0.5 included).
+
+    ``init``: a detector checkpoint to start from (not resumed: a new run with its own budget);
+    every tensor of it whose name and shape fit ``config``'s model is loaded, the rest (a new
+    attribute head, a different class count) starts at random."""
     options = options or TrainOptions()
     if options.threads:
         torch.set_num_threads(options.threads)
@@ -248,6 +295,17 @@ def train_detector(
     model = build_detector(config)
     if state is not None:
         model.load_state_dict(state)
+    elif init is not None:
+        start = load_checkpoint(init, kind=CHECKPOINT_KIND)
+        own = model.state_dict()
+        fitting = {k: v for k, v in start.state_dict.items() if k in own and own[k].shape == v.shape}
+        if not fitting:
+            raise ValueError(f"{init}: no weights fit a {config.backbone} detector of this configuration")
+        model.load_state_dict(fitting, strict=False)
+        fresh = sorted(set(own) - set(fitting))
+        record["init"] = start.sha256
+        log.info("starting from %s: %d tensors loaded, %d new (%s)", init, len(fitting), len(fresh),
+                 ", ".join(fresh[:4]) + (" ..." if len(fresh) > 4 else ""))
     dataset = DetectionDataset(collection, train, config, augment=True)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=options.batch_size, shuffle=True, drop_last=len(train) > options.batch_size,
@@ -273,7 +331,7 @@ def train_detector(
     out_of_time = False
     while record["epochs"] < options.epochs and not out_of_time:
         model.train()
-        losses = []
+        losses, attribute_losses = [], []
         bar = tqdm(loader, desc=f"epoch {record['epochs'] + 1}", unit="batch", disable=not progress)
         for batch in bar:
             seconds = time.monotonic() - started
@@ -282,15 +340,15 @@ def train_detector(
                 break
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(session_step, seconds)
-            loss_parts = model(
-                [s.image for s in batch], [{"boxes": s.boxes, "labels": s.labels} for s in batch]
-            )
+            loss_parts = model([s.image for s in batch], [dataset.target(s) for s in batch])
             loss = sum(loss_parts.values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
             optimizer.step()
             losses.append(loss.item())
+            if "loss_attributes" in loss_parts:
+                attribute_losses.append(loss_parts["loss_attributes"].item())
             record["steps"] += 1
             session_step += 1
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
@@ -306,6 +364,8 @@ def train_detector(
             "epoch": record["epochs"], "steps": record["steps"], "seconds": round(record["seconds"], 1),
             "loss": float(np.mean(losses)), "val_map50": metrics["map"], "partial": out_of_time,
         }
+        if attribute_losses:
+            entry["loss_attributes"] = float(np.mean(attribute_losses))
         record["history"].append(entry)
         record.update(
             val_map50=metrics["map"], val_images=len(val), train_images=len(train),

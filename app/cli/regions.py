@@ -48,6 +48,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="continue from this detector checkpoint (its config wins over the options above)")
     train.add_argument("--classes", action="store_true",
                        help="one class per distinct annotation phrase instead of one 'object' class")
+    train.add_argument("--attributes", action="store_true",
+                       help="also learn to name the words of each box's phrase (colours, motifs, "
+                            "counts: every word on at least --attribute-min-boxes train boxes), as "
+                            "bottom-up attention's attribute head, so the region features describe "
+                            "what the phrases say")
+    train.add_argument("--attribute-min-boxes", type=int, default=5,
+                       help="with --attributes: a word names an attribute when at least this many "
+                            "train boxes have it in their phrase (default %(default)s)")
+    train.add_argument("--init", type=Path,
+                       help="start from this detector checkpoint's weights (a new run; its backbone "
+                            "and sizes win over the options above, new heads start at random)")
     train.add_argument("--workers", type=int, default=1, help="image-loading processes (default %(default)s)")
     train.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     train.add_argument("--threads", type=int, default=0,
@@ -94,8 +105,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_train_detector(args: argparse.Namespace) -> int:
     from collection.layout import Collection
-    from models.regions import DetectorConfig
-    from training.detector import TrainOptions, train_detector
+    from models.checkpoint import load_checkpoint
+    from models.regions import CHECKPOINT_KIND, DetectorConfig
+    from training.detector import TrainOptions, attribute_vocabulary, train_detector
 
     collection = Collection.load(args.collection)
     class_names = ["object"]
@@ -103,12 +115,25 @@ def run_train_detector(args: argparse.Namespace) -> int:
         class_names = sorted({a.phrase for art in collection.split("train") for a in art.annotations})
         if not class_names:
             raise ValueError(f"{args.collection}: --classes, but the train split has no annotations")
-    config = DetectorConfig(backbone=args.backbone, image_size=args.image_size, class_names=class_names)
+    attribute_names = []
+    if args.attributes:
+        attribute_names = attribute_vocabulary(collection.split("train"), min_boxes=args.attribute_min_boxes)
+        if not attribute_names:
+            raise ValueError(f"{args.collection}: --attributes, but no annotation word is on "
+                             f"{args.attribute_min_boxes} or more train boxes")
+    if args.init:
+        start = load_checkpoint(args.init, kind=CHECKPOINT_KIND)
+        config = DetectorConfig.from_dict(
+            {**start.config, "class_names": class_names, "attribute_names": attribute_names})
+    else:
+        config = DetectorConfig(backbone=args.backbone, image_size=args.image_size, class_names=class_names,
+                                attribute_names=attribute_names)
     options = TrainOptions(
         minutes=args.minutes, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
         val_images=args.val_images, workers=args.workers, seed=args.seed, threads=args.threads,
     )
-    record = train_detector(collection, args.out, config=config, options=options, resume=args.resume)
+    record = train_detector(collection, args.out, config=config, options=options, resume=args.resume,
+                            init=args.init)
     summary = {k: record.get(k) for k in ("backbone", "image_size", "epochs", "steps", "seconds", "val_map50")}
     print(json.dumps(summary))
     return 0
