@@ -28,7 +28,7 @@ from models.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save
 from models.vocab import PAD_ID, Vocabulary
 
 CHECKPOINT_KIND = "scan"
-DIRECTIONS = ("t2i", "i2t")
+DIRECTIONS = ("t2i", "i2t", "both")  # both: the mean of the t2i and i2t scores
 AGGREGATIONS = ("lse", "mean", "max", "sum")
 EPS = 1e-8  # the reference implementation's epsilon for every norm and cosine
 
@@ -37,8 +37,11 @@ EPS = 1e-8  # the reference implementation's epsilon for every norm and cosine
 _DEFAULT_LAMBDA_SOFTMAX = {"t2i": 9.0, "i2t": 4.0}
 
 
-def default_lambda_softmax(direction: str) -> float:
-    """λ_softmax the thesis used for ``direction`` ("t2i": 9, "i2t": 4)."""
+def default_lambda_softmax(direction: str) -> float | None:
+    """λ_softmax the thesis used for ``direction`` ("t2i": 9, "i2t": 4); None for "both",
+    where each direction keeps its own."""
+    if direction == "both":
+        return None
     if direction not in _DEFAULT_LAMBDA_SOFTMAX:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     return _DEFAULT_LAMBDA_SOFTMAX[direction]
@@ -56,14 +59,17 @@ class ScanConfig:
     word_dim: int = 300  # word embedding size
     num_layers: int = 1  # GRU layers
     bidirectional: bool = True  # a bidirectional GRU's two directions are averaged
-    direction: str = "t2i"  # "t2i": words attend to regions; "i2t": regions attend to words
+    # "t2i": words attend to regions; "i2t": regions attend to words; "both": the mean of the
+    # two scores (SCAN's t-i + i-t ensemble, in one model)
+    direction: str = "t2i"
     agg: str = "lse"  # how the query items' scores become one: "lse" | "mean" | "max" | "sum"
-    lambda_softmax: float | None = None  # None: the thesis default for the direction
+    lambda_softmax: float | None = None  # None: the thesis default for the direction (each one's for "both")
     lambda_lse: float = 6.0
     margin: float = 0.2  # α of the hinge triplet loss
     max_violation: bool = True  # hardest in-batch negative (VSE++) instead of the sum
     grad_clip: float = 2.0  # max gradient norm, applied by the trainer
     pooled_weight: float = 1.0  # weight of the pooled (first-stage) loss in the total
+    xattn_weight: float = 1.0  # weight of the cross-attention loss; 0 trains a vectors-only baseline
     chunk_size: int = 64  # images and texts per block when scoring all pairs
 
     def __post_init__(self) -> None:
@@ -73,9 +79,16 @@ class ScanConfig:
             raise ValueError(f"ScanConfig.agg must be one of {AGGREGATIONS}, got {self.agg!r}")
         if self.lambda_softmax is None:
             self.lambda_softmax = default_lambda_softmax(self.direction)
+        if self.xattn_weight < 0 or self.pooled_weight < 0 or self.xattn_weight + self.pooled_weight == 0:
+            raise ValueError("ScanConfig: xattn_weight and pooled_weight must be >= 0, not both 0")
         for name in ("vocab_size", "raw_dim", "embed_dim", "word_dim", "num_layers", "chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ScanConfig.{name} must be at least 1, got {getattr(self, name)}")
+
+    @property
+    def word_attention_lambda(self) -> float:
+        """λ_softmax of the words' attention over regions, as explanations show it."""
+        return self.lambda_softmax if self.lambda_softmax is not None else _DEFAULT_LAMBDA_SOFTMAX["t2i"]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -253,11 +266,14 @@ def xattn_similarity(
     *,
     direction: str,
     agg: str,
-    lambda_softmax: float,
+    lambda_softmax: float | None,
     lambda_lse: float = 6.0,
     chunk_size: int = 64,
 ) -> Tensor:
     """Stacked cross attention similarity of every image (region set) with every text.
+
+    ``direction`` "both" averages the t2i and i2t scores; ``lambda_softmax`` None takes the
+    thesis's default of each direction.
 
     images: (n_img, r, d) L2-normalised rows, zero padded; image_lens: (n_img,) int.
     texts: (n_txt, w, d) L2-normalised rows, zero padded; text_lens: (n_txt,) int.
@@ -277,6 +293,12 @@ def xattn_similarity(
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     if len(images) == 0 or len(texts) == 0:
         return images.new_zeros(len(images), len(texts))
+    if direction == "both":
+        return sum(xattn_similarity(images, image_lens, texts, text_lens, direction=one, agg=agg,
+                                    lambda_softmax=lambda_softmax, lambda_lse=lambda_lse,
+                                    chunk_size=chunk_size) for one in ("t2i", "i2t")) / 2
+    if lambda_softmax is None:
+        lambda_softmax = default_lambda_softmax(direction)
 
     if direction == "t2i":
         context, context_lens, queries, query_lens = images, image_lens, texts, text_lens
@@ -355,7 +377,7 @@ def contrastive_loss(
 
 
 class ScanLosses(NamedTuple):
-    total: Tensor  # xattn + pooled_weight · pooled: what the trainer back-propagates
+    total: Tensor  # xattn_weight · xattn + pooled_weight · pooled: what the trainer back-propagates
     xattn: Tensor  # the loss on cross-attention scores (the second stage)
     pooled: Tensor  # the loss on pooled cosines (the first stage)
 
@@ -394,7 +416,7 @@ class SCAN(nn.Module):
         xattn = contrastive_loss(self.similarity(images, raw_lens, texts, word_lens), **loss)
         pooled_scores = pooled(images, raw_lens) @ pooled(texts, word_lens).T  # (n, n)
         first_stage = contrastive_loss(pooled_scores, **loss)
-        return ScanLosses(xattn + c.pooled_weight * first_stage, xattn, first_stage)
+        return ScanLosses(c.xattn_weight * xattn + c.pooled_weight * first_stage, xattn, first_stage)
 
     def save(self, path: str | Path, vocab: Vocabulary, record: dict[str, Any] | None = None) -> str:
         """Write config, vocabulary, weights and ``record``; returns the model version."""

@@ -173,10 +173,20 @@ def test_attention_weights_match_the_reference_and_sum_to_one(batch):
     assert torch.allclose(weights.double(), torch.softmax(9.0 * h, dim=1), atol=1e-6)
 
 
+def test_both_directions_is_the_mean_of_t2i_and_i2t_with_their_own_lambdas(batch):
+    both = xattn_similarity(*batch, direction="both", agg="mean", lambda_softmax=None)
+    t2i = xattn_similarity(*batch, direction="t2i", agg="mean", lambda_softmax=9.0)
+    i2t = xattn_similarity(*batch, direction="i2t", agg="mean", lambda_softmax=4.0)
+    torch.testing.assert_close(both, (t2i + i2t) / 2)
+    config = ScanConfig(vocab_size=10, direction="both")
+    assert config.lambda_softmax is None and config.word_attention_lambda == 9.0
+    assert ScanConfig(vocab_size=10, direction="i2t").word_attention_lambda == 4.0
+
+
 def test_bad_arguments_name_what_is_wrong(batch):
     images, image_lens, texts, text_lens = batch
     with pytest.raises(ValueError, match="direction must be one of"):
-        xattn_similarity(*batch, direction="both", agg="lse", lambda_softmax=9.0)
+        xattn_similarity(*batch, direction="sideways", agg="lse", lambda_softmax=9.0)
     with pytest.raises(ValueError, match="agg must be one of"):
         xattn_similarity(*batch, direction="t2i", agg="median", lambda_softmax=9.0)
     with pytest.raises(ValueError, match=r"text_lens must lie in \[1, 6\], got \[0, 6\]"):
@@ -278,6 +288,11 @@ def test_gradients_reach_both_encoders_and_training_separates_pairs():
     raw, raw_lens, ids, word_lens = tiny_batch(config)
     losses = model(raw, raw_lens, ids, word_lens)
     assert losses.total.item() == pytest.approx(losses.xattn.item() + 0.5 * losses.pooled.item())
+    vectors_only = SCAN(tiny_config(pooled_weight=1.0, xattn_weight=0.0))
+    vectors_only.load_state_dict(model.state_dict())
+    assert vectors_only(raw, raw_lens, ids, word_lens).total.item() == pytest.approx(losses.pooled.item())
+    with pytest.raises(ValueError, match="not both 0"):
+        tiny_config(pooled_weight=0.0, xattn_weight=0.0)
     losses.total.backward()
     for name in ("image_encoder.fc.weight", "text_encoder.embed.weight",
                  "text_encoder.gru.weight_ih_l0", "text_encoder.gru.weight_hh_l0_reverse"):

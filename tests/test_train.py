@@ -209,6 +209,16 @@ def test_fine_training_lowers_the_loss_and_evaluate_reads_the_checkpoint(tiny, t
     assert crop["two_stage"]["medr"] <= 3 or crop["two_stage"]["r1"] < 50
 
 
+def test_a_vectors_only_baseline_is_selected_by_its_pooled_rsum(tiny, tmp_path):
+    out = tmp_path / "vectors.pt"
+    result = train(options(tiny, out, epochs=3, xattn_weight=0.0))
+    assert result.best_rsum == max(row["val_pooled_rsum"] for row in result.history)
+    for row in result.history:  # the loss is the pooled stage's alone
+        assert row["loss"] == pytest.approx(row["pooled_loss"])
+    figures = evaluation.evaluate(out, tiny, split="test", k=3)
+    assert figures["config"]["xattn_weight"] == 0.0 and figures["crop_to_phrase"]["pooled"]["r1"] > 50
+
+
 def test_resume_continues_after_the_last_epoch(tiny, tmp_path):
     out = tmp_path / "scan.pt"
     train(options(tiny, out, epochs=1))

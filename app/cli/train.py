@@ -50,8 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "or auto: boxes when the collection has annotations (default)")
     train.add_argument("--out", type=Path, help="where to write the best checkpoint (.pt)")
     model = train.add_argument_group("model (the thesis's Table 4.1 varies the first three)")
-    model.add_argument("--direction", choices=("t2i", "i2t"),
-                       help="t2i: words attend to regions (default); i2t: regions attend to words")
+    model.add_argument("--direction", choices=("t2i", "i2t", "both"),
+                       help="t2i: words attend to regions (default); i2t: regions attend to words; "
+                            "both: the mean of the two scores (SCAN's t-i + i-t ensemble in one model)")
     model.add_argument("--agg", choices=("lse", "mean", "max", "sum"),
                        help="how attended scores are pooled: LogSumExp (default) or AVG (mean)")
     model.add_argument("--uni-gru", dest="bidirectional", action="store_false", default=None,
@@ -69,6 +70,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--word-dim", type=int, help="word embedding size (default 300)")
     model.add_argument("--pooled-weight", type=float,
                        help="weight of the first-stage pooled-vector loss (default 1)")
+    model.add_argument("--xattn-weight", type=float,
+                       help="weight of the cross-attention loss (default 1); 0 with --pooled-weight 1 "
+                            "trains a vectors-only baseline, selected by its pooled rsum")
     model.add_argument("--negatives", type=int,
                        help="fine grain with boxes: negative fragments per artwork of a batch, "
                             "its whole image and N-1 detected fragments that miss the phrase's "
@@ -132,7 +136,7 @@ def _train_options(args: argparse.Namespace):
     values = dict(PRESETS[args.preset]) if args.preset else {}
     for name in ("collection", "features", "grain", "supervision", "out", "direction", "agg",
                  "bidirectional", "lambda_softmax", "lambda_lse", "margin", "max_violation", "warmup_epochs",
-                 "embed_dim", "word_dim", "pooled_weight", "negatives", "epochs", "lr", "lr_update",
+                 "embed_dim", "word_dim", "pooled_weight", "xattn_weight", "negatives", "epochs", "lr", "lr_update",
                  "grad_clip", "batch_size", "seed", "val_split", "device", "resume"):
         value = getattr(args, name)
         if value is not None:

@@ -395,7 +395,7 @@ class Engine:
         artworks = {a.id: a for a in session.scalars(select(Artwork).where(Artwork.id.in_(artwork_ids)))}
         boxes = {(r.artwork_id, r.store_row): r.box for r in session.scalars(
             select(Region).where(Region.artwork_id.in_(artwork_ids)))}
-        lambda_softmax = self.model.config.lambda_softmax
+        lambda_softmax = self.model.config.word_attention_lambda
         hits = []
         for row, score, image, n_regions in zip(rows, scores, images, image_lens.tolist(), strict=True):
             weights = word_region_attention(image[:n_regions], text[: len(tokens)], lambda_softmax)  # (w, r)
