@@ -10,28 +10,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
+
+from index.atomic import write_json_atomic
 
 log = logging.getLogger(__name__)
 
 
 def write_json(path: Path, report: dict[str, Any]) -> None:
-    """Atomically: a temporary file beside ``path``, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json_atomic(path, report, indent=2)
 
 
 def publish(report: dict[str, Any], table_text: str, json_path: Path | None) -> None:

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from index.atomic import write_text_atomic
 from models.vocab import Vocabulary, tokenize
 
 log = logging.getLogger(__name__)
@@ -166,12 +167,12 @@ def replace_vocab(root: Path, words: Vocabulary, phrases: Vocabulary) -> None:
     info = _read_json(info_path)
     write_vocab(root, words, phrases)
     info.setdefault("counts", {}).update(word_vocab=len(words), phrase_vocab=len(phrases))
-    _write_atomic(info_path, json.dumps(info, indent=1))
+    write_text_atomic(info_path, json.dumps(info, indent=1))
 
 
 def write_vocab(root: Path, words: Vocabulary, phrases: Vocabulary) -> None:
     """Write ``root``/vocab.json atomically (temporary file, then rename)."""
-    _write_atomic(root / "vocab.json", json.dumps(
+    write_text_atomic(root / "vocab.json", json.dumps(
         {"words": words.to_json(), "phrases": phrases.to_json()}, ensure_ascii=False, indent=0
     ))
 
@@ -322,13 +323,13 @@ class CollectionWriter:
         if not self.artworks:
             raise CollectionError(f"{self.target}: nothing to write (no usable artworks)")
         words, phrases = build_vocabularies(self.artworks)
-        _write_atomic(
+        write_text_atomic(
             self.root / "artworks.jsonl",
             "".join(json.dumps(a.to_json(), ensure_ascii=False) + "\n" for a in self.artworks),
         )
         write_vocab(self.root, words, phrases)
         if self.skipped:
-            _write_atomic(self.root / "skipped.json", json.dumps(self.skipped, indent=1))
+            write_text_atomic(self.root / "skipped.json", json.dumps(self.skipped, indent=1))
         if not any((self.root / "images").iterdir()):
             (self.root / "images").rmdir()
         split_counts = Counter(a.split for a in self.artworks)
@@ -343,7 +344,7 @@ class CollectionWriter:
             "phrase_vocab": len(phrases),
             "skipped": len(self.skipped),
         }
-        _write_atomic(self.root / "collection.json", json.dumps(
+        write_text_atomic(self.root / "collection.json", json.dumps(
             {"format": FORMAT, "version": VERSION, "name": self.name, "source": self.source,
              "counts": counts}, indent=1
         ))
@@ -366,7 +367,3 @@ class CollectionWriter:
             shutil.rmtree(old)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

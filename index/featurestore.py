@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from index.atomic import fsync_dir, write_json_atomic
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -259,9 +261,9 @@ class FeatureStore:
                 np.save(handle, np.ascontiguousarray(array))
                 handle.flush()
                 os.fsync(handle.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         os.rename(tmp, final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
         dim = int(arrays["features"].shape[1])
         shard = {"name": name, "rows": offset - start, "keys": {k: list(v) for k, v in spans.items()}}
@@ -271,7 +273,7 @@ class FeatureStore:
             "extractor": self._extractor,
             "shards": [*self._shards, shard],
         }
-        _write_json_atomic(self._manifest_path, manifest)
+        write_json_atomic(self._manifest_path, manifest, indent=None)
         self._dim = dim
         self._add_shard(shard)
         log.debug("appended %d records (%d rows) to %s as %s", len(items), offset - start, self.root, name)
@@ -376,21 +378,3 @@ class FeatureStore:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json_atomic(path: Path, value: object) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w") as handle:
-        json.dump(value, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)

@@ -34,6 +34,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from index.atomic import write_json_atomic
+
 log = logging.getLogger(__name__)
 
 FORMAT = "artalign-vector-index"
@@ -253,7 +255,7 @@ class VectorIndex:
             "dim": self.dim, "count": count, "nlist": self.nlist, "nprobe": self.nprobe,
             "model_version": model_version, "state": state,
         }
-        _write_json_atomic(folder / MANIFEST, manifest)
+        write_json_atomic(folder / MANIFEST, manifest)
         for stale in folder.glob("index-*.faiss"):
             if stale.name != name:
                 stale.unlink(missing_ok=True)
@@ -322,12 +324,3 @@ def _check_ids(ids: np.ndarray) -> np.ndarray:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
-
-
-def _write_json_atomic(path: Path, value: object) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(value, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)

@@ -12,6 +12,8 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+from index.atomic import write_json_atomic
+
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
 PAD_ID, START_ID, END_ID, UNK_ID = range(4)
@@ -61,10 +63,7 @@ class Vocabulary:
         return list(self.tokens)
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.tokens, ensure_ascii=False, indent=0), encoding="utf-8")
-        tmp.replace(path)
+        write_json_atomic(path, self.tokens, indent=0)
 
     @classmethod
     def load(cls, path: str | Path) -> Vocabulary:

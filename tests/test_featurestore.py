@@ -100,10 +100,10 @@ def test_crash_between_shard_rename_and_manifest_leaves_old_state_and_rerun_comp
     store.append("a", make_record(2, 1))
     manifest_before = (tmp_path / "manifest.json").read_text()
 
-    def crash(path, value):
+    def crash(path, value, **_):
         raise OSError("simulated power cut")
 
-    monkeypatch.setattr(featurestore, "_write_json_atomic", crash)
+    monkeypatch.setattr(featurestore, "write_json_atomic", crash)
     with pytest.raises(OSError, match="power cut"):
         store.append_many([("b", make_record(3, 2)), ("c", make_record(1, 3))])
     monkeypatch.undo()

@@ -20,9 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
 import random
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -34,6 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from collection.layout import Collection
+from index.atomic import write_atomic
 from models.scan import SCAN, ScanConfig, ScanLosses, contrastive_loss, pooled
 from training import metrics
 from training.data import (
@@ -284,7 +283,7 @@ def _save_state(path: Path, model, optimizer, schedule, history, best, rng) -> N
              "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
              "config": model.config.to_dict(), "history": history, "best": best,
              "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}
-    atomic_write(path, lambda handle: torch.save(state, handle))
+    write_atomic(path, lambda handle: torch.save(state, handle))
 
 
 def _restore(path: Path, model, optimizer, schedule, config):
@@ -308,27 +307,13 @@ def _restore(path: Path, model, optimizer, schedule, config):
     return state["history"], state["best"], rng
 
 
-def atomic_write(path: Path, write) -> None:
-    """Write through ``write(handle)`` into a temporary file beside ``path``, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; logs and plots are for everyone
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_log(path: Path, history: list[dict[str, Any]]) -> None:
     """The per-epoch CSV log, rewritten whole (atomically) after every epoch."""
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=list(history[0]))
     writer.writeheader()
     writer.writerows(history)
-    atomic_write(path, lambda handle: handle.write(text.getvalue().encode()))
+    write_atomic(path, lambda handle: handle.write(text.getvalue().encode()))
 
 
 def plot_history(path: Path, history: list[dict[str, Any]]) -> None:
@@ -353,4 +338,4 @@ def plot_history(path: Path, history: list[dict[str, Any]]) -> None:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=80)
     plt.close(figure)
-    atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
+    write_atomic(path, lambda handle: handle.write(buffer.getvalue()))

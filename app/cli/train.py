@@ -179,10 +179,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
                           device=args.device)
         print(format_result(result))
     if args.json:
+        from index.atomic import write_text_atomic
         from training.evaluate import plain_json
-        from training.train import atomic_write
 
         text = json.dumps(plain_json(result), indent=1)
-        atomic_write(args.json, lambda handle: handle.write(text.encode()))
+        write_text_atomic(args.json, text)
         log.info("wrote %s", args.json)
     return 0

@@ -9,8 +9,6 @@ routes run them on FastAPI's thread pool, not in the inference slots. An unknown
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +17,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, selectinload
 
 from app.db.models import Annotation, Artwork, ArtworkPhrase, Fragment, Phrase
+from index.atomic import write_atomic
 
 if TYPE_CHECKING:
     from app.services.retrieval import Engine
@@ -113,7 +112,7 @@ def thumbnail(artwork: Artwork, data_dir: Path) -> Path:
     with Image.open(image_path(artwork)) as image:
         small = image.convert("RGB")
         small.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
-    _write_jpeg_atomic(small, target)
+    write_atomic(target, lambda handle: small.save(handle, "JPEG", quality=JPEG_QUALITY))
     return target
 
 
@@ -131,18 +130,6 @@ def crop_jpeg(fragment: Fragment) -> bytes:
     buffer = io.BytesIO()
     crop.save(buffer, "JPEG", quality=JPEG_QUALITY)
     return buffer.getvalue()
-
-
-def _write_jpeg_atomic(image: Image.Image, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            image.save(file, "JPEG", quality=JPEG_QUALITY)
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 # -- curator decisions ----------------------------------------------------------------------

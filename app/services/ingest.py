@@ -18,8 +18,6 @@ import hashlib
 import io
 import json
 import logging
-import os
-import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +39,7 @@ from app.db.models import (
     Region,
 )
 from collection.images import load_image
+from index.atomic import write_bytes_atomic
 from index.featurestore import FeatureStore, FeatureStoreError, RegionRecord
 from index.fragments import ANNOTATION, EXTRACTED, WHOLE, fragments_of
 
@@ -329,13 +328,7 @@ def _save_image(folder: Path, image_bytes: bytes, image_sha256: str) -> Path:
         suffix = {"JPEG": ".jpg"}.get(probe.format or "", f".{(probe.format or 'img').lower()}")
     path = folder / image_sha256[:2] / f"{image_sha256}{suffix}"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        with open(tmp, "wb") as handle:
-            handle.write(image_bytes)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        write_bytes_atomic(path, image_bytes)
     return path
 
 
