@@ -328,7 +328,7 @@ def format_result(result: dict) -> str:
     """One checkpoint's figures as a small text table, then what the two-stage path keeps."""
     scorers = (("SCAN (exhaustive)", "scan"),
                (f"two-stage (K={result['k_candidates']})", "two_stage"),
-               ("pooled vectors only", "pooled"))
+               ("pooled vectors (first stage)", "pooled"))
     rows = [(label, _cells(result, scorer)) for label, scorer in scorers]
     lines = [f"{result['grain']} grain, split {result['split']}, {result['checkpoint']}",
              _table([], rows, result)]
