@@ -205,6 +205,33 @@ def test_annotate_an_upload_and_a_box(client: TestClient) -> None:
     assert [i["score"] for i in kept] == [s for s in scores if s >= threshold]
 
 
+def test_uploads_detect_regions_outside_the_write_lock(client: TestClient) -> None:
+    """The detector pass is the slow part of an upload; holding the write lock through it
+    would serialise every upload. It runs before the lock; its boxes still reach the index."""
+    runtime = client.app.state.runtime
+    extractor = runtime.engine.extractor
+    held = []
+    real_extract = extractor.extract
+
+    def watching(images, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        held.append(runtime.write_lock.locked())
+        return real_extract(images, **kwargs)
+
+    extractor.extract = watching
+    try:
+        box = [4.0, 6.0, 40.0, 30.0]
+        report = client.post("/artworks", headers=WRITE, **artwork_form(
+            "unlocked-1", seed=41, annotations=[{"phrase": "gold bird", "box": box}]))
+    finally:
+        del extractor.extract  # back to the class's method
+    assert report.status_code == 201, report.text
+    assert held == [False]  # one detector pass, with the annotation box pooled in it, unlocked
+    detail = client.get(f"/artworks/{report.json()['id']}").json()
+    annotated = [f["box"] for f in detail["fragments"] if f["source"] == "annotation"]
+    assert len(annotated) == 1 and np.allclose(annotated[0], box, atol=0.01)
+    assert "gold bird" in detail["phrases"]
+
+
 def test_batch_reports_each_item(client: TestClient) -> None:
     def item(external_id: str, seed: int) -> dict:
         return {"external_id": external_id, "title": external_id, "captions": ["A red cat head."],

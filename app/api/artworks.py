@@ -315,16 +315,21 @@ def _parse_artwork(text: str, *, external_id: str | None = None) -> ArtworkIn:
 
 
 def _ingest(runtime: Runtime, session: Session, item: ArtworkIn, image_bytes: bytes) -> IngestReport:
-    from app.services.ingest import ingest_artwork
+    from app.services.ingest import detect_regions, ingest_artwork
 
-    with runtime.write_lock, runtime.metrics.stage("ingest"):
-        result = ingest_artwork(
-            session, engine_or_extractor=runtime.engine, store=runtime.engine.store,
-            external_id=item.external_id, image_bytes=image_bytes, title=item.title,
-            metadata=item.metadata, captions=item.captions,
-            annotations=[a.model_dump() for a in item.annotations],
-            max_pixels=runtime.settings.limits.max_image_pixels,
-        )
+    annotations = [a.model_dump() for a in item.annotations]
+    common = dict(external_id=item.external_id, image_bytes=image_bytes, annotations=annotations,
+                  max_pixels=runtime.settings.limits.max_image_pixels)
+    with runtime.metrics.stage("ingest"):
+        # The detector pass, the slow part, runs outside the write lock, so concurrent uploads
+        # overlap; only the store append, the rows and the index change are serialised.
+        record = detect_regions(runtime.engine, runtime.engine.store, **common)
+        with runtime.write_lock:
+            result = ingest_artwork(
+                session, engine_or_extractor=runtime.engine, store=runtime.engine.store,
+                title=item.title, metadata=item.metadata, captions=item.captions, record=record,
+                **common,
+            )
     return IngestReport(id=result.artwork_id, external_id=result.external_id, status=result.status,
                         fragments=result.fragments, phrases=result.phrases,
                         url=runtime.url(f"/artworks/{result.artwork_id}"))

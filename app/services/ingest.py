@@ -152,6 +152,26 @@ def ingest_artwork(
                         len(change.added_fragments), len(artwork.phrase_links))
 
 
+def detect_regions(
+    engine_or_extractor: Any, store: FeatureStore, *, external_id: str, image_bytes: bytes,
+    annotations: Iterable[Any] = (), max_pixels: int | None = None,
+) -> RegionRecord | None:
+    """The detector pass of :func:`ingest_artwork`, for ``record=``: the image's regions with
+    the annotation boxes pooled as annotation rows. It reads nothing it would have to lock,
+    so a service runs it before taking its write lock and uploads overlap where they cost
+    most. None when the store already holds the image (ingest reuses that record). Bad input
+    raises the same errors ingest_artwork would."""
+    image_sha256 = hashlib.sha256(image_bytes).hexdigest()
+    if store.has(image_sha256):
+        return None
+    name = f"artwork {_check_external_id(external_id)!r}: image"
+    image = load_image(image_bytes, name=name, **({"max_pixels": max_pixels} if max_pixels else {}))
+    width, height = image.size
+    boxes = [_annotation(item, i, width, height).box for i, item in enumerate(annotations)]
+    extractor = _need(getattr(engine_or_extractor, "extractor", engine_or_extractor), "extract regions")
+    return extractor.extract([image], extra_boxes=[np.asarray(boxes, dtype=np.float32).reshape(-1, 4)])[0]
+
+
 def delete_artwork(session: Session, *, engine: Any = None, external_id: str) -> bool:
     """Remove the artwork and everything it owns; False when there is none. Phrases that no
     artwork is described by any more go too. Feature-store rows stay (the store is append-only
