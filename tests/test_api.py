@@ -256,6 +256,8 @@ def test_batch_reports_each_item(client: TestClient) -> None:
 
 def test_curator_annotation_becomes_a_w3c_annotation_and_a_phrase(client: TestClient) -> None:
     artwork_id = client.post("/artworks", headers=WRITE, **artwork_form("curated-1", seed=41)).json()["id"]
+    fragments = client.app.state.runtime.engine.indexes["fragments"]
+    count = len(fragments)
     stored = client.post("/annotations", headers=WRITE,
                          json={"artwork_id": artwork_id, "box": [10, 8, 42, 40], "phrase": "The painted box"})
     assert stored.status_code == 201, stored.text
@@ -265,13 +267,24 @@ def test_curator_annotation_becomes_a_w3c_annotation_and_a_phrase(client: TestCl
     proposed = client.post("/annotate", params={"limit": 100},
                            json={"artwork_id": artwork_id, "box": [10, 8, 42, 40]}).json()["items"]
     assert "painted box" in {i["phrase"] for i in proposed}
+    # The box became an annotation fragment, in the fragment index at once; a second phrase
+    # for the same box reuses it.
+    assert len(fragments) == count + 1
+    boxes = [f["box"] for f in client.get(f"/artworks/{artwork_id}").json()["fragments"]
+             if f["source"] == "annotation"]
+    assert len(boxes) == 1 and np.allclose(boxes[0], [10, 8, 42, 40], atol=0.01)
+    again = client.post("/annotations", headers=WRITE,
+                        json={"artwork_id": artwork_id, "box": [10, 8, 42, 40], "phrase": "lid"})
+    assert again.status_code == 201, again.text
+    assert len(fragments) == count + 1
+    assert sum(f["source"] == "annotation" for f in client.get(f"/artworks/{artwork_id}").json()["fragments"]) == 1
 
     page = client.get(f"/artworks/{artwork_id}/annotations", params={"suggestions": 2})
     assert page.status_code == 200
     body = page.json()
     assert body["@context"] == "http://www.w3.org/ns/anno.jsonld" and body["type"] == "AnnotationPage"
     described = [a for a in body["items"] if a["motivation"] == "describing"]
-    assert [a["body"]["value"] for a in described] == ["painted box"]
+    assert [a["body"]["value"] for a in described] == ["painted box", "lid"]
     assert described[0]["target"]["selector"] == {
         "type": "FragmentSelector", "conformsTo": "http://www.w3.org/TR/media-frags/",
         "value": "xywh=10,8,32,32"}

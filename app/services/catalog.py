@@ -142,10 +142,12 @@ def accept_annotation(
 
     The annotation joins the artwork's ground truth (source "curator"); its phrase now
     describes the artwork, and a phrase new to the collection enters the phrase index at
-    once, so the next crop can be annotated with it. Raises LookupError for an unknown
-    artwork, ValueError for a phrase with no words or a box off the image.
+    once, so the next crop can be annotated with it. The box becomes an annotation fragment
+    (unless the artwork has one there already), so a search finds exactly that box. Raises
+    LookupError for an unknown artwork, ValueError for a phrase with no words or a box off
+    the image.
     """
-    from app.services.ingest import IndexChange
+    from app.services.ingest import IndexChange, add_box_fragment
     from collection.phrases import normalise_phrase
 
     text = normalise_phrase(phrase)
@@ -171,11 +173,12 @@ def accept_annotation(
         annotation = Annotation(artwork_id=artwork_id, phrase_id=row.id, x1=x1, y1=y1, x2=x2,
                                 y2=y2, source="curator")
         session.add(annotation)
+        add_box_fragment(session, engine=engine, artwork=artwork, box=box, change=change)
         session.commit()
     except BaseException:
         session.rollback()
         raise
-    if change.added_phrases:
+    if change.added_phrases or change.added_fragments:
         engine.apply_change(session, change)
     annotation.phrase = row
     return annotation

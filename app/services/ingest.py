@@ -41,7 +41,14 @@ from app.db.models import (
 from collection.images import load_image
 from index.atomic import write_bytes_atomic
 from index.featurestore import FeatureStore, FeatureStoreError, RegionRecord
-from index.fragments import ANNOTATION, EXTRACTED, WHOLE, fragments_of
+from index.fragments import (
+    ANNOTATION,
+    DEFAULT_MAX_MEMBERS,
+    EXTRACTED,
+    WHOLE,
+    fragments_of,
+    region_set_members,
+)
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +177,40 @@ def detect_regions(
     boxes = [_annotation(item, i, width, height).box for i, item in enumerate(annotations)]
     extractor = _need(getattr(engine_or_extractor, "extractor", engine_or_extractor), "extract regions")
     return extractor.extract([image], extra_boxes=[np.asarray(boxes, dtype=np.float32).reshape(-1, 4)])[0]
+
+
+def add_box_fragment(session: Session, *, engine: Any, artwork: Artwork,
+                     box: Sequence[float], change: IndexChange) -> Fragment:
+    """The annotation fragment of ``box`` on ``artwork``, made when it has none yet: the box
+    is pooled from the artwork's image (one detector pass, stored under a key naming the
+    image and the box), its region set is the box plus the artwork's extracted regions
+    inside it, and the new fragment goes into ``change`` for the index. Inside the caller's
+    transaction; nothing is committed here."""
+    wanted = np.asarray(box, dtype=np.float32).reshape(4)
+    for fragment in artwork.fragments:
+        if fragment.source == "annotation" and np.abs(np.asarray(fragment.box) - wanted).max() <= BOX_MATCH_PIXELS:
+            return fragment
+    store = engine.store
+    key = f"{artwork.image_sha256}:boxes:{hashlib.sha256(wanted[None].tobytes()).hexdigest()[:32]}"
+    if not store.has(key):
+        image = load_image(artwork.image_location, name=f"artwork {artwork.external_id!r}: image")
+        _append_once(store, key, _need(engine.extractor, "pool a box").pool(image, wanted[None], kind=ANNOTATION))
+    start, _ = store.rows_of(key)
+    record = store.get(key)
+    session.add(Region(artwork_id=artwork.id, store_row=int(start), x1=float(record.boxes[0, 0]),
+                       y1=float(record.boxes[0, 1]), x2=float(record.boxes[0, 2]),
+                       y2=float(record.boxes[0, 3]), score=1.0, kind=ANNOTATION))
+    extracted = [r for r in artwork.regions if r.kind == EXTRACTED]
+    members = region_set_members(
+        record.boxes[0], np.asarray([r.box for r in extracted], dtype=np.float32).reshape(-1, 4),
+        np.asarray([r.score for r in extracted]), max_members=DEFAULT_MAX_MEMBERS)
+    fragment = Fragment(artwork_id=artwork.id, x1=float(record.boxes[0, 0]), y1=float(record.boxes[0, 1]),
+                        x2=float(record.boxes[0, 2]), y2=float(record.boxes[0, 3]), source="annotation",
+                        region_rows=[int(start), *(int(extracted[i].store_row) for i in members)])
+    session.add(fragment)
+    session.flush()
+    change.added_fragments.append(fragment.id)
+    return fragment
 
 
 def delete_artwork(session: Session, *, engine: Any = None, external_id: str) -> bool:
