@@ -1,13 +1,19 @@
-"""HTTP latency of a running service: p50/p95 of GET /search and POST /annotate under load.
+"""HTTP latency of a running service: p50/p95 of GET /search and POST /annotate under load,
+and optionally of uploads (POST /artworks).
 
     python -m bench.http --url http://127.0.0.1:8000 --clients 8 --requests 200 [--json PATH]
-    artalign bench http --url http://127.0.0.1:8000
+    artalign bench http --url http://127.0.0.1:8000 --uploads 32 --api-key KEY
 
 ``--clients`` concurrent clients (httpx, asyncio) share a bounded number of requests per
 endpoint. Queries are phrases of the served artworks (from GET /artworks/{id}), crops are cut
 from their images (GET /artworks/{id}/image), so the service does real work on each call.
 Answers other than 200 are counted, never timed as successes (a 503 from the inference limit
 shows up as ``refused``). Prints a table and JSON.
+
+``--uploads N`` also posts N new artworks twice, from one client and then from ``--clients``
+clients (images are the sampled ones, cropped and flipped at random so each is new and is
+detected), and reports the ratio of the two throughputs: how far uploads overlap. They are
+deleted again afterwards.
 """
 
 from __future__ import annotations
@@ -49,8 +55,9 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def _sample_inputs(client: httpx.AsyncClient, artworks: int, seed: int
-                         ) -> tuple[list[str], list[bytes]]:
-    """Phrases to search for and JPEG crops to annotate, from up to ``artworks`` artworks."""
+                         ) -> tuple[list[str], list[bytes], list[Any]]:
+    """Phrases to search for, JPEG crops to annotate and the images, from up to ``artworks``
+    artworks."""
     from PIL import Image
 
     page = (await client.get("/artworks", params={"limit": artworks})).raise_for_status().json()
@@ -59,11 +66,13 @@ async def _sample_inputs(client: httpx.AsyncClient, artworks: int, seed: int
     rng = random.Random(seed)
     phrases: list[str] = []
     crops: list[bytes] = []
+    images: list[Any] = []
     for item in page["items"]:
         detail = (await client.get(f"/artworks/{item['id']}")).raise_for_status().json()
         phrases.extend(detail["phrases"])
         image_bytes = (await client.get(item["image_url"])).raise_for_status().content
         image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
+        images.append(image)
         for fragment in detail["fragments"]:
             if fragment["source"] in ("annotation", "extracted"):
                 buffer = io.BytesIO()
@@ -73,11 +82,27 @@ async def _sample_inputs(client: httpx.AsyncClient, artworks: int, seed: int
     rng.shuffle(crops)
     if not phrases or not crops:
         raise SystemExit("the served artworks have no phrases or no fragments to crop")
-    return phrases, crops
+    return phrases, crops, images
+
+
+def _new_image(image: Any, rng: random.Random) -> bytes:
+    """PNG bytes of a random 85-100 % crop of ``image``, flipped half the time: a new image."""
+    from PIL import ImageOps
+
+    width, height = image.size
+    w, h = int(width * rng.uniform(0.85, 1.0)), int(height * rng.uniform(0.85, 1.0))
+    x, y = rng.randint(0, width - w), rng.randint(0, height - h)
+    new = image.crop((x, y, x + w, y + h))
+    if rng.random() < 0.5:
+        new = ImageOps.mirror(new)
+    buffer = io.BytesIO()
+    new.save(buffer, "PNG")
+    return buffer.getvalue()
 
 
 async def _load(client: httpx.AsyncClient, name: str, total: int, clients: int,
-                make_request: Callable[[int], Awaitable[httpx.Response]]) -> EndpointResult:
+                make_request: Callable[[int], Awaitable[httpx.Response]],
+                ok_status: tuple[int, ...] = (200,)) -> EndpointResult:
     import asyncio
 
     import httpx
@@ -98,7 +123,7 @@ async def _load(client: httpx.AsyncClient, name: str, total: int, clients: int,
                 counts["failed"] += 1
                 continue
             elapsed = time.perf_counter() - start
-            if response.status_code == 200:
+            if response.status_code in ok_status:
                 counts["ok"] += 1
                 latencies.append(elapsed * 1000)
             elif response.status_code == 503:
@@ -119,12 +144,14 @@ async def _load(client: httpx.AsyncClient, name: str, total: int, clients: int,
 
 
 async def run(url: str, *, clients: int, requests: int, artworks: int, seed: int,
-              timeout: float) -> list[EndpointResult]:
+              timeout: float, uploads: int = 0, api_key: str | None = None) -> list[EndpointResult]:
+    import json
+
     import httpx
 
     limits = httpx.Limits(max_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
-        phrases, crops = await _sample_inputs(client, artworks, seed)
+        phrases, crops, images = await _sample_inputs(client, artworks, seed)
 
         def search(index: int) -> Awaitable[httpx.Response]:
             return client.get("/search", params={"q": phrases[index % len(phrases)], "limit": 10})
@@ -136,10 +163,33 @@ async def run(url: str, *, clients: int, requests: int, artworks: int, seed: int
         # one warm-up call each, so first-call costs (lazy imports, caches) are not measured
         await search(0)
         await annotate(0)
-        return [
+        results = [
             await _load(client, "GET /search", requests, clients, search),
             await _load(client, "POST /annotate", requests, clients, annotate),
         ]
+        if uploads:
+            rng = random.Random(seed)
+            bodies = [_new_image(images[i % len(images)], rng) for i in range(2 * uploads)]
+            tag = f"bench-upload-{int(time.time())}"
+            headers = {"X-API-Key": api_key} if api_key else {}
+
+            def upload(index: int) -> Awaitable[httpx.Response]:
+                document = {"external_id": f"{tag}-{index}", "title": "benchmark upload",
+                            "captions": [phrases[index % len(phrases)]]}
+                return client.post("/artworks", headers=headers, data={"artwork": json.dumps(document)},
+                                   files={"image": ("upload.png", bodies[index], "image/png")})
+
+            serial = await _load(client, "POST /artworks x1", uploads, 1, upload, ok_status=(201,))
+            offset = uploads
+
+            def upload_second(index: int) -> Awaitable[httpx.Response]:
+                return upload(offset + index)
+
+            results += [serial, await _load(client, f"POST /artworks x{clients}", uploads, clients,
+                                            upload_second, ok_status=(201,))]
+            for index in range(2 * uploads):
+                await client.delete(f"/artworks/external/{tag}-{index}", headers=headers)
+        return results
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -153,17 +203,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed for the inputs (default %(default)s)")
     parser.add_argument("--timeout", type=float, default=60.0,
                         help="seconds per request (default %(default)s)")
+    parser.add_argument("--uploads", type=int, default=0,
+                        help="also post this many new artworks from 1 client, then as many from "
+                             "--clients clients, and delete them after (default 0: none)")
+    parser.add_argument("--api-key", default=None,
+                        help="X-API-Key for --uploads (the one `artalign demo` prints)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH",
                         help="also write the JSON report here (atomically)")
 
 
 def format_table(report: dict[str, Any]) -> str:
-    header = f"{'endpoint':<16}{'ok':>6}{'503':>6}{'failed':>8}{'p50 ms':>10}{'p95 ms':>10}{'req/s':>8}"
+    header = f"{'endpoint':<20}{'ok':>6}{'503':>6}{'failed':>8}{'p50 ms':>10}{'p95 ms':>10}{'req/s':>8}"
     lines = [f"{report['url']}, {report['clients']} concurrent clients, {report['requests']} requests "
              "per endpoint", header, "-" * len(header)]
     for r in report["results"]:
-        lines.append(f"{r['endpoint']:<16}{r['ok']:>6}{r['refused']:>6}{r['failed']:>8}{r['p50_ms']:>10.1f}"
+        lines.append(f"{r['endpoint']:<20}{r['ok']:>6}{r['refused']:>6}{r['failed']:>8}{r['p50_ms']:>10.1f}"
                      f"{r['p95_ms']:>10.1f}{r['throughput_rps']:>8.2f}")
+    if "upload_overlap" in report:
+        lines.append(f"uploads from {report['clients']} clients: {report['upload_overlap']:.2f}x the "
+                     "throughput of one (1.00 = fully serialised)")
     return "\n".join(lines)
 
 
@@ -176,14 +234,23 @@ def main(options: argparse.Namespace) -> int:
     for name in ("clients", "requests", "artworks"):
         if getattr(options, name) < 1:
             raise ValueError(f"--{name} must be at least 1")
+    if options.uploads < 0:
+        raise ValueError("--uploads must be 0 or more")
     try:
         results = asyncio.run(run(options.url, clients=options.clients, requests=options.requests,
-                                  artworks=options.artworks, seed=options.seed, timeout=options.timeout))
+                                  artworks=options.artworks, seed=options.seed, timeout=options.timeout,
+                                  uploads=options.uploads, api_key=options.api_key))
     except httpx.ConnectError as exc:
         raise ValueError(f"--url {options.url}: nothing answers ({exc}); start the service first "
                          "(artalign serve) or point --url at it") from exc
     report = {"benchmark": "http", "url": options.url, "clients": options.clients,
               "requests": options.requests, "results": [asdict(r) for r in results]}
+    if options.uploads:
+        one, many = results[-2], results[-1]
+        if one.ok < options.uploads or many.ok < options.uploads:
+            raise ValueError(f"uploads failed ({one.failed + many.failed} of {2 * options.uploads}): "
+                             "is --api-key right?")
+        report["upload_overlap"] = round(many.throughput_rps / one.throughput_rps, 3)
     publish(report, format_table(report), options.json)
     return 0
 
