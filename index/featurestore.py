@@ -44,6 +44,24 @@ ARRAYS = ("features", "boxes", "scores", "kinds")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
+@dataclass(frozen=True)
+class _View:
+    """One consistent reading of the manifest: shards, total rows, key -> (start, count),
+    and each shard's first global row."""
+
+    shards: tuple[dict, ...]
+    rows: int
+    index: dict[str, tuple[int, int]]
+    starts: np.ndarray
+
+    def with_shard(self, shard: dict) -> _View:
+        """This view plus one appended shard (a new view; this one is left as it is)."""
+        index = dict(self.index)
+        index.update((key, (int(start), int(count))) for key, (start, count) in shard["keys"].items())
+        return _View((*self.shards, shard), self.rows + int(shard["rows"]), index,
+                     np.append(self.starts, self.rows))
+
+
 class FeatureStoreError(ValueError):
     """A feature store or a record that cannot be used; the message says which and why."""
 
@@ -102,15 +120,13 @@ class FeatureStore:
     ) -> None:
         self.root = Path(root)
         self._manifest_path = self.root / MANIFEST
-        self._shards: list[dict] = []
-        # Rows in all shards: kept, not summed, because loading the manifest asks for it once
-        # per shard and the service appends one shard per ingested image.
-        self._rows = 0
+        # What readers see: replaced whole, never changed in place, so a search reading rows
+        # while an upload appends (and re-reads the manifest) never sees half of a state.
+        self._view = _View((), 0, {}, np.zeros(0, dtype=np.int64))
         self._dim = dim
         self._extractor = extractor
-        self._index: dict[str, tuple[int, int]] = {}
-        self._shard_starts = np.zeros(0, dtype=np.int64)  # global row of each shard's first row
-        self._arrays: dict[str, dict[str, np.ndarray]] = {}  # shard name -> mmapped arrays
+        # shard name -> mmapped arrays; a shard's content never changes once it is named
+        self._arrays: dict[str, dict[str, np.ndarray]] = {}
         if self._manifest_path.exists():
             self._load_manifest(dim, extractor)
 
@@ -126,31 +142,35 @@ class FeatureStore:
         return self._extractor
 
     def __len__(self) -> int:
-        return self._rows
+        return self._view.rows
 
     def __contains__(self, key: object) -> bool:
-        return key in self._index
+        return key in self._view.index
 
     def has(self, key: str) -> bool:
-        return key in self._index
+        return key in self._view.index
 
     def keys(self) -> list[str]:
         """Every key, in append order."""
-        return list(self._index)
+        return list(self._view.index)
 
     def rows_of(self, key: str) -> tuple[int, int]:
         """(global start row, row count) of ``key``."""
         try:
-            return self._index[key]
+            return self._view.index[key]
         except KeyError:
             raise KeyError(f"{key!r} is not in the feature store {self.root}") from None
 
     def get(self, key: str) -> RegionRecord:
         """The record of ``key``; its features are a float16 memory-mapped view."""
-        start, count = self.rows_of(key)
-        shard = int(np.searchsorted(self._shard_starts, start, side="right") - 1)
-        arrays = self._open_shard(shard)
-        local = slice(start - int(self._shard_starts[shard]), start - int(self._shard_starts[shard]) + count)
+        view = self._view
+        try:
+            start, count = view.index[key]
+        except KeyError:
+            raise KeyError(f"{key!r} is not in the feature store {self.root}") from None
+        shard = int(np.searchsorted(view.starts, start, side="right") - 1)
+        arrays = self._open_shard(view.shards[shard])
+        local = slice(start - int(view.starts[shard]), start - int(view.starts[shard]) + count)
         return RegionRecord(
             boxes=arrays["boxes"][local],
             scores=arrays["scores"][local],
@@ -161,17 +181,26 @@ class FeatureStore:
     def features(self, rows: np.ndarray) -> np.ndarray:
         """(len(rows), D) float32 features of global ``rows``, in the order given."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        total = len(self)
-        if rows.size and (rows.min() < 0 or rows.max() >= total):
-            raise IndexError(f"row out of range 0..{total - 1} in feature store {self.root}")
+        view = self._view
+        if rows.size and (rows.min() < 0 or rows.max() >= view.rows):
+            raise IndexError(f"row out of range 0..{view.rows - 1} in feature store {self.root}")
         out = np.empty((rows.size, self._dim or 0), dtype=np.float32)
-        shard_of_row = np.searchsorted(self._shard_starts, rows, side="right") - 1
+        shard_of_row = np.searchsorted(view.starts, rows, side="right") - 1
         # One fancy-index read per shard rather than one per row.
         for shard in np.unique(shard_of_row):
             where = np.flatnonzero(shard_of_row == shard)
-            local = rows[where] - self._shard_starts[shard]
-            out[where] = self._open_shard(int(shard))["features"][local]
+            local = rows[where] - view.starts[shard]
+            out[where] = self._open_shard(view.shards[int(shard)])["features"][local]
         return out
+
+    def refresh(self) -> bool:
+        """Read the manifest again if another process appended since; True when it had.
+        A reader (a replica of the service) calls this to see a writer's new records."""
+        if not self._manifest_path.exists():
+            return False
+        before = self._view
+        self._load_manifest(self._dim, self._extractor)
+        return self._view.rows != before.rows
 
     # -- writing ------------------------------------------------------------------------
 
@@ -205,7 +234,7 @@ class FeatureStore:
         for key, record in items:
             if not isinstance(key, str) or not key:
                 raise FeatureStoreError(f"feature store keys are non-empty strings, got {key!r}")
-            if key in self._index:
+            if key in self._view.index:
                 raise FeatureStoreError(
                     f"key {key!r} is already in the feature store {self.root}; "
                     "a key is stored once (skip keys that are present to resume)"
@@ -232,7 +261,7 @@ class FeatureStore:
                 )
 
     def _write_shard(self, items: list[tuple[str, RegionRecord]]) -> dict[str, tuple[int, int]]:
-        name = f"shard-{len(self._shards):06d}"
+        name = f"shard-{len(self._view.shards):06d}"
         final = self.root / name
         if final.exists():
             # Left by a crash between the shard rename and the manifest replace: the manifest
@@ -271,11 +300,11 @@ class FeatureStore:
             "version": FORMAT_VERSION,
             "dim": dim,
             "extractor": self._extractor,
-            "shards": [*self._shards, shard],
+            "shards": [*self._view.shards, shard],
         }
         write_json_atomic(self._manifest_path, manifest, indent=None)
         self._dim = dim
-        self._add_shard(shard)
+        self._view = self._view.with_shard(shard)
         log.debug("appended %d records (%d rows) to %s as %s", len(items), offset - start, self.root, name)
         return spans
 
@@ -308,29 +337,28 @@ class FeatureStore:
         shards = manifest.get("shards")
         if not isinstance(shards, list):
             raise FeatureStoreError(f"{path}: field 'shards' must be a list")
+        names, starts, index, rows = [], [], {}, 0
+        for number, shard in enumerate(shards):
+            self._check_shard_entry(number, shard, rows, index)
+            names.append(shard)
+            starts.append(rows)
+            rows += int(shard["rows"])
+            index.update((key, (int(start), int(count))) for key, (start, count) in shard["keys"].items())
         self._dim = stored_dim
         self._extractor = stored_extractor if stored_extractor is not None else extractor
-        self._shards = []
-        self._rows = 0
-        self._index = {}
-        self._shard_starts = np.zeros(0, dtype=np.int64)
-        self._arrays = {}
-        for number, shard in enumerate(shards):
-            self._check_shard_entry(number, shard)
-            self._add_shard(shard)
+        self._view = _View(tuple(names), rows, index, np.asarray(starts, dtype=np.int64))
 
-    def _check_shard_entry(self, number: int, shard: object) -> None:
+    def _check_shard_entry(self, number: int, shard: object, start: int, index: dict) -> None:
         where = f"{self._manifest_path}: shards[{number}]"
         if not isinstance(shard, dict) or not {"name", "rows", "keys"} <= shard.keys():
             raise FeatureStoreError(f"{where} must have fields name, rows and keys")
         if not isinstance(shard["rows"], int) or not isinstance(shard["keys"], dict):
             raise FeatureStoreError(f"{where}: rows must be an integer and keys an object")
-        start = len(self)
         covered = 0
         for key, span in shard["keys"].items():
             if not (isinstance(span, list) and len(span) == 2 and all(isinstance(v, int) for v in span)):
                 raise FeatureStoreError(f"{where}: key {key!r} must map to [start, count]")
-            if span[0] != start + covered or key in self._index:
+            if span[0] != start + covered or key in index:
                 raise FeatureStoreError(f"{where}: key {key!r} has an inconsistent row span {span}")
             covered += span[1]
         if covered != shard["rows"]:
@@ -338,16 +366,7 @@ class FeatureStore:
         if not (self.root / shard["name"]).is_dir():
             raise FeatureStoreError(f"{where}: shard folder {self.root / shard['name']} is missing")
 
-    def _add_shard(self, shard: dict) -> None:
-        start = len(self)
-        self._shards.append(shard)
-        self._rows += int(shard["rows"])
-        self._shard_starts = np.append(self._shard_starts, start)
-        for key, (key_start, count) in shard["keys"].items():
-            self._index[key] = (int(key_start), int(count))
-
-    def _open_shard(self, number: int) -> dict[str, np.ndarray]:
-        shard = self._shards[number]
+    def _open_shard(self, shard: dict) -> dict[str, np.ndarray]:
         arrays = self._arrays.get(shard["name"])
         if arrays is None:
             folder = self.root / shard["name"]

@@ -180,3 +180,46 @@ def test_record_shapes_are_checked():
         RegionRecord(np.zeros((2, 3)), np.zeros(2), np.zeros((2, 4)), np.zeros(2))
     with pytest.raises(FeatureStoreError, match="features have shape"):
         RegionRecord(np.zeros((2, 4)), np.zeros(2), np.zeros((3, 4)), np.zeros(2))
+
+
+def test_readers_never_see_a_half_loaded_manifest_while_a_writer_appends(tmp_path):
+    """A service searches (reads rows) while an upload appends; an append re-reads the
+    manifest, and a reader in between must still see every row it saw before."""
+    import threading
+
+    store = FeatureStore(tmp_path)
+    store.append_many([(f"k{i}", make_record(3, i)) for i in range(20)])
+    rows = np.arange(len(store))
+    expected = store.features(rows)
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            try:
+                np.testing.assert_array_equal(store.features(rows), expected)
+                assert store.get("k7").features.shape == (3, expected.shape[1])
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+                return
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(150):
+            store.append(f"new{i}", make_record(2, 100 + i))
+    finally:
+        done.set()
+        reader.join()
+    assert not errors, errors[0]
+    assert len(store) == len(rows) + 300
+
+
+def test_a_reader_sees_another_writers_records_after_refresh(tmp_path):
+    writer, reader = FeatureStore(tmp_path), FeatureStore(tmp_path)
+    assert reader.refresh() is False and len(reader) == 0  # nothing written yet
+    writer.append("a", make_record(2, 1))
+    assert not reader.has("a")
+    assert reader.refresh() is True and reader.keys() == ["a"]
+    np.testing.assert_array_equal(reader.get("a").features, writer.get("a").features)
+    assert reader.refresh() is False
