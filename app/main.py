@@ -77,9 +77,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             runtime.engine.fragment_count(), runtime.engine.phrase_count(),
             runtime.engine.model_version[:12],
         )
+        stop = threading.Event()
+        syncer = threading.Thread(target=_sync_indexes, args=(runtime, stop), name="index-sync",
+                                  daemon=True)
+        if settings.index_sync_seconds > 0:
+            syncer.start()
         try:
             yield
         finally:
+            stop.set()
+            if syncer.is_alive():
+                syncer.join()
             runtime.pool.shutdown()
             runtime.database.dispose()
 
@@ -155,6 +163,18 @@ def preflight(settings: Settings) -> DatabaseEngine:
         raise StartupError(f"the database at {where} has no tables yet: run `artalign db "
                            "upgrade` (with the same ARTALIGN_DATABASE_URL) first")
     return database
+
+
+def _sync_indexes(runtime: Runtime, stop: threading.Event) -> None:
+    """Every ``index_sync_seconds``, pick up what another process committed and indexed
+    (Engine.sync), so replicas of the service stay fresh without a restart."""
+    while not stop.wait(runtime.settings.index_sync_seconds):
+        try:
+            with runtime.sessions() as session:
+                runtime.engine.sync(session)
+        except Exception:  # the database may be down for a while: /readyz says so; try again
+            log.warning("index sync failed; retrying in %.0f s", runtime.settings.index_sync_seconds,
+                        exc_info=True)
 
 
 def _start(settings: Settings, metrics: Metrics) -> Runtime:

@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     )
     limits: Limits = Field(default_factory=Limits)
     retrieval: Retrieval = Field(default_factory=Retrieval)
+    index_sync_seconds: float = Field(
+        10.0, ge=0, description="how often to pick up artworks another process (a writer "
+        "replica, `artalign ingest`) committed and indexed; 0 never"
+    )
 
     @field_validator("database_url")
     @classmethod

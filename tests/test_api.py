@@ -293,6 +293,39 @@ def test_curator_annotation_becomes_a_w3c_annotation_and_a_phrase(client: TestCl
     assert len(suggested) <= 2 and all(isinstance(a["score"], float) for a in suggested)
 
 
+def test_a_replica_picks_up_what_another_instance_ingested(
+        tiny_checkpoints: TinyCheckpoints, tmp_path: Path) -> None:
+    """Two instances over one database and one data folder: the reader's in-memory indexes
+    catch up with the writer's uploads by themselves (index_sync_seconds), no restart."""
+    import time
+
+    with pg_database() as url:
+        data = tmp_path / "shared"
+        writer = start(make_settings(url, data, tiny_checkpoints.scan, tiny_checkpoints.detector,
+                                     index_sync_seconds=0))
+        reader = start(make_settings(url, data, tiny_checkpoints.scan, tiny_checkpoints.detector,
+                                     index_sync_seconds=0.1))
+        try:
+            engines = [c.app.state.runtime.engine for c in (writer, reader)]
+            assert [e.fragment_count() for e in engines] == [0, 0]
+            for number in range(2):
+                report = writer.post("/artworks", headers=WRITE, **artwork_form(f"replica-{number}",
+                                                                                seed=60 + number))
+                assert report.status_code == 201, report.text
+            want = engines[0].fragment_count(), engines[0].phrase_count()
+            assert want[0] > 0
+            deadline = time.monotonic() + 20
+            while (engines[1].fragment_count(), engines[1].phrase_count()) != want:
+                assert time.monotonic() < deadline, "the reader never caught up"
+                time.sleep(0.05)
+            # The reader's feature store sees the writer's rows too: it can rerank them.
+            found = reader.get("/search", params={"q": "gold birds", "limit": 50}).json()["items"]
+            assert {hit["external_id"] for hit in found} == {"replica-0", "replica-1"}
+        finally:
+            for client in (writer, reader):
+                client.__exit__(None, None, None)
+
+
 def test_health_readiness_and_metrics(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")

@@ -131,6 +131,8 @@ class Engine:
         self.device = torch.device(device)
         dim = model.config.embed_dim
         self.indexes: dict[str, VectorIndex] = {name: VectorIndex(dim) for name in INDEXES}
+        # the database state each index reflects (see database_state), for sync()
+        self.states: dict[str, list[int]] = {}
         self._write_lock = threading.Lock()  # one index writer at a time (updates, rebuilds)
 
     @classmethod
@@ -188,6 +190,7 @@ class Engine:
             if reason is None:
                 try:
                     self.indexes[name] = VectorIndex.load(folder)
+                    self.states[name] = state[name]
                     outcome[name] = "loaded"
                     log.info("loaded the %s index (%d vectors) from %s", name,
                              len(self.indexes[name]), folder)
@@ -253,12 +256,44 @@ class Engine:
                                 self._pooled_phrases([r.text for r in rows]))
             self._save(database_state(session))
 
+    def sync(self, session: Session) -> list[str]:
+        """Catch up with what another process committed and saved (a writer replica,
+        `artalign ingest`): re-read the feature store's manifest and load each saved index
+        whose manifest matches this model and the database as it is now. Returns the names
+        of the indexes loaded. An index the writer has not saved yet stays as it is; the next
+        call tries again."""
+        state = database_state(session)
+        if all(self.states.get(name) == state[name] for name in INDEXES):
+            return []
+        loaded = []
+        with self._write_lock:
+            self.store.refresh()
+            for name in INDEXES:
+                if self.states.get(name) == state[name]:
+                    continue
+                folder = self.index_dir / name
+                try:
+                    manifest = read_manifest(folder)
+                    if manifest["model_version"] != self.model_version or manifest["state"] != {name: state[name]}:
+                        continue
+                    self.indexes[name] = VectorIndex.load(folder)
+                except VectorIndexError as exc:  # being replaced by the writer right now
+                    log.debug("not loading the %s index yet: %s", name, exc)
+                    continue
+                self.states[name] = state[name]
+                loaded.append(name)
+        if loaded:
+            log.info("loaded the %s index%s saved by another process", " and ".join(loaded),
+                     "es" if len(loaded) > 1 else "")
+        return loaded
+
     def _save(self, state: dict[str, list[int]], names: Sequence[str] = INDEXES) -> None:
         """Write the indexes ``names`` with the database ``state`` they reflect (the caller
         holds the write lock)."""
         for name in names:
             self.indexes[name].save(self.index_dir / name, model_version=self.model_version,
                                     state={name: state[name]})
+            self.states[name] = state[name]
 
     def _all_fragment_vectors(self, session: Session, progress: bool) -> tuple[np.ndarray, np.ndarray]:
         from tqdm import tqdm
