@@ -24,7 +24,9 @@ import json
 import logging
 import os
 import shutil
+import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,6 +44,10 @@ ARRAYS = ("features", "boxes", "scores", "kinds")
 # float16 holds up to 65504; features of a ReLU MLP head stay far below, but a broken
 # extractor must not silently write inf.
 FLOAT16_MAX = float(np.finfo(np.float16).max)
+# Shards kept memory-mapped at once (each mapped array holds a file descriptor, four per
+# shard). The service appends one shard per upload, so without a bound a store of a few
+# hundred uploaded artworks exhausts a 1024-descriptor limit; least recently used go first.
+MAX_OPEN_SHARDS = 128
 
 
 @dataclass(frozen=True)
@@ -125,8 +131,10 @@ class FeatureStore:
         self._view = _View((), 0, {}, np.zeros(0, dtype=np.int64))
         self._dim = dim
         self._extractor = extractor
-        # shard name -> mmapped arrays; a shard's content never changes once it is named
-        self._arrays: dict[str, dict[str, np.ndarray]] = {}
+        # shard name -> mmapped arrays, least recently used first; a shard's content never
+        # changes once it is named, so a cached mapping never goes stale
+        self._arrays: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
+        self._arrays_lock = threading.Lock()
         if self._manifest_path.exists():
             self._load_manifest(dim, extractor)
 
@@ -367,25 +375,33 @@ class FeatureStore:
             raise FeatureStoreError(f"{where}: shard folder {self.root / shard['name']} is missing")
 
     def _open_shard(self, shard: dict) -> dict[str, np.ndarray]:
-        arrays = self._arrays.get(shard["name"])
-        if arrays is None:
-            folder = self.root / shard["name"]
-            arrays = {}
-            for array_name in ARRAYS:
-                path = folder / f"{array_name}.npy"
-                try:
-                    arrays[array_name] = np.load(path, mmap_mode="r")
-                except (OSError, ValueError) as exc:
-                    raise FeatureStoreError(f"{path}: cannot read shard array ({exc})") from exc
-                if len(arrays[array_name]) != shard["rows"]:
-                    raise FeatureStoreError(
-                        f"{path}: has {len(arrays[array_name])} rows, the manifest says {shard['rows']}"
-                    )
-            if arrays["features"].shape[1:] != (self._dim,):
+        name = shard["name"]
+        with self._arrays_lock:
+            arrays = self._arrays.get(name)
+            if arrays is not None:
+                self._arrays.move_to_end(name)
+                return arrays
+        folder = self.root / name
+        arrays = {}
+        for array_name in ARRAYS:
+            path = folder / f"{array_name}.npy"
+            try:
+                arrays[array_name] = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as exc:
+                raise FeatureStoreError(f"{path}: cannot read shard array ({exc})") from exc
+            if len(arrays[array_name]) != shard["rows"]:
                 raise FeatureStoreError(
-                    f"{folder / 'features.npy'}: shape {arrays['features'].shape}, expected (n, {self._dim})"
+                    f"{path}: has {len(arrays[array_name])} rows, the manifest says {shard['rows']}"
                 )
-            self._arrays[shard["name"]] = arrays
+        if arrays["features"].shape[1:] != (self._dim,):
+            raise FeatureStoreError(
+                f"{folder / 'features.npy'}: shape {arrays['features'].shape}, expected (n, {self._dim})"
+            )
+        with self._arrays_lock:
+            self._arrays[name] = arrays
+            while len(self._arrays) > MAX_OPEN_SHARDS:
+                # Unmapped (and its descriptors closed) once no caller holds a view of it.
+                self._arrays.popitem(last=False)
         return arrays
 
     @contextmanager

@@ -223,3 +223,27 @@ def test_a_reader_sees_another_writers_records_after_refresh(tmp_path):
     assert reader.refresh() is True and reader.keys() == ["a"]
     np.testing.assert_array_equal(reader.get("a").features, writer.get("a").features)
     assert reader.refresh() is False
+
+
+def test_a_store_of_many_small_shards_reads_within_a_low_file_limit(tmp_path, monkeypatch):
+    """The service appends one shard per upload; each mapped shard holds four descriptors.
+    Reading every row of 100 shards must work with room for far fewer open files."""
+    import os
+    import resource
+
+    store = FeatureStore(tmp_path)
+    for i in range(100):
+        store.append(f"k{i}", make_record(2, i))
+    expected = np.concatenate([make_record(2, i).features for i in range(100)]).astype(np.float16)
+    monkeypatch.setattr(featurestore, "MAX_OPEN_SHARDS", 8)
+    reader = FeatureStore(tmp_path)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    open_now = len(os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + 100, hard))  # 100 shards need 400
+    try:
+        for _ in range(2):
+            got = reader.features(np.arange(len(reader)))
+            np.testing.assert_array_equal(got, expected.astype(np.float32))
+        assert reader.get("k99").features.shape == (2, DIM)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
