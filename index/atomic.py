@@ -60,3 +60,21 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 def write_json_atomic(path: str | Path, value: Any, *, indent: int | None = 1) -> None:
     write_text_atomic(path, json.dumps(value, indent=indent, ensure_ascii=False) + "\n")
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append ``line`` and a newline to ``path`` durably (fsynced). A line a crash cut short
+    (the file does not end with a newline) is cut off first, so lines never run together."""
+    path = Path(path)
+    with open(path, "a+b") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        if size:
+            handle.seek(size - 1)
+            if handle.read(1) != b"\n":
+                handle.seek(0)
+                whole = handle.read()
+                handle.truncate(whole.rfind(b"\n") + 1)
+        handle.seek(0, os.SEEK_END)
+        handle.write(line.encode("utf-8") + b"\n")
+        handle.flush()
+        os.fsync(handle.fileno())

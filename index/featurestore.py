@@ -1,9 +1,10 @@
-"""Raw region features on disk: append-only shards of .npy files plus one JSON manifest.
+"""Raw region features on disk: append-only shards of .npy files, a JSON manifest and a log.
 
 Layout (see docs/ARCHITECTURE.md)::
 
-    <root>/manifest.json   {"version": 1, "dim": D_raw, "extractor": "<sha256>",
+    <root>/manifest.json   {"version": 2, "dim": D_raw, "extractor": "<sha256>",
                             "shards": [{"name", "rows", "keys": {key: [start, count]}}]}
+    <root>/manifest.log    the shards appended since: one {"name", "rows", "keys"} per line
     <root>/shard-000000/   features.npy (n, D) float16, boxes.npy (n, 4) float32,
                            scores.npy (n,) float32, kinds.npy (n,) int8
 
@@ -11,10 +12,13 @@ Layout (see docs/ARCHITECTURE.md)::
 row number never changes, so the database and the index can hold row numbers.
 
 Appending is crash safe: the new shard is written and fsynced in a hidden temporary folder,
-renamed to its final name, and only then is the manifest replaced (``os.replace``). A crash
-at any point leaves the previous manifest, which names only complete shards; an orphan shard
-left by a crash between the rename and the manifest replace is removed by the next append.
-Writers take turns through an advisory lock on ``<root>/.lock``.
+renamed to its final name, and only then recorded: one line appended to the log and fsynced,
+so an append costs the same whatever the store holds (the service appends one shard per
+upload). Every ``CHECKPOINT_EVERY`` shards the log is folded into a new manifest.json
+(``os.replace``) and emptied. A crash at any point leaves a manifest and a log that name only
+complete shards: a line cut short is ignored, and an orphan shard left by a crash before its
+line was written is removed by the next append. Writers take turns through an advisory lock
+on ``<root>/.lock``. Version-1 stores (a manifest and no log) are read as they are.
 """
 
 from __future__ import annotations
@@ -34,12 +38,15 @@ from pathlib import Path
 
 import numpy as np
 
-from index.atomic import fsync_dir, write_json_atomic
+from index.atomic import append_line, fsync_dir, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
+LOG = "manifest.log"
+CHECKPOINT_EVERY = 256  # shards recorded in the log before it is folded into the manifest
 ARRAYS = ("features", "boxes", "scores", "kinds")
 # float16 holds up to 65504; features of a ReLU MLP head stay far below, but a broken
 # extractor must not silently write inf.
@@ -126,6 +133,9 @@ class FeatureStore:
     ) -> None:
         self.root = Path(root)
         self._manifest_path = self.root / MANIFEST
+        self._log_path = self.root / LOG
+        self._logged = 0  # shard entries in the log, not yet in manifest.json
+        self._seen: tuple | None = None  # the files' stat when last read or written by us
         # What readers see: replaced whole, never changed in place, so a search reading rows
         # while an upload appends (and re-reads the manifest) never sees half of a state.
         self._view = _View((), 0, {}, np.zeros(0, dtype=np.int64))
@@ -204,7 +214,7 @@ class FeatureStore:
     def refresh(self) -> bool:
         """Read the manifest again if another process appended since; True when it had.
         A reader (a replica of the service) calls this to see a writer's new records."""
-        if not self._manifest_path.exists():
+        if not self._manifest_path.exists() or self._files_stat() == self._seen:
             return False
         before = self._view
         self._load_manifest(self._dim, self._extractor)
@@ -230,8 +240,9 @@ class FeatureStore:
         self._check_items(items)
         self.root.mkdir(parents=True, exist_ok=True)
         with self._lock():
-            # Another process may have appended since we opened: start from the disk state.
-            if self._manifest_path.exists():
+            # Another process may have appended since we read the files: start from the disk
+            # state then (re-reading is O(store); an append of our own is not).
+            if self._manifest_path.exists() and self._files_stat() != self._seen:
                 self._load_manifest(self._dim, self._extractor)
                 self._check_items(items)
             return self._write_shard(items)
@@ -272,8 +283,8 @@ class FeatureStore:
         name = f"shard-{len(self._view.shards):06d}"
         final = self.root / name
         if final.exists():
-            # Left by a crash between the shard rename and the manifest replace: the manifest
-            # never referenced it, so nothing points at its rows.
+            # Left by a crash between the shard rename and its log line: neither the manifest
+            # nor the log named it, so nothing points at its rows.
             log.warning("removing orphan shard %s left by an interrupted append", final)
             shutil.rmtree(final)
         for stale in self.root.glob(".tmp-shard-*"):
@@ -304,13 +315,20 @@ class FeatureStore:
 
         dim = int(arrays["features"].shape[1])
         shard = {"name": name, "rows": offset - start, "keys": {k: list(v) for k, v in spans.items()}}
-        manifest = {
-            "version": FORMAT_VERSION,
-            "dim": dim,
-            "extractor": self._extractor,
-            "shards": [*self._view.shards, shard],
-        }
-        write_json_atomic(self._manifest_path, manifest, indent=None)
+        if self._manifest_path.exists() and self._logged + 1 < CHECKPOINT_EVERY:
+            append_line(self._log_path, json.dumps(shard))
+            self._logged += 1
+        else:  # the first shard, or a full log: everything into a new manifest, the log emptied
+            manifest = {
+                "version": FORMAT_VERSION,
+                "dim": dim,
+                "extractor": self._extractor,
+                "shards": [*self._view.shards, shard],
+            }
+            write_json_atomic(self._manifest_path, manifest, indent=None)
+            write_text_atomic(self._log_path, "")
+            self._logged = 0
+        self._seen = self._files_stat()
         self._dim = dim
         self._view = self._view.with_shard(shard)
         log.debug("appended %d records (%d rows) to %s as %s", len(items), offset - start, self.root, name)
@@ -318,15 +336,31 @@ class FeatureStore:
 
     # -- manifest -----------------------------------------------------------------------
 
+    def _files_stat(self) -> tuple:
+        """What changes whenever any writer records a shard: the manifest's and the log's
+        inode, size and modification time."""
+        stats = []
+        for path in (self._manifest_path, self._log_path):
+            try:
+                st = path.stat()
+                stats.append((st.st_ino, st.st_size, st.st_mtime_ns))
+            except FileNotFoundError:
+                stats.append(None)
+        return tuple(stats)
+
     def _load_manifest(self, dim: int | None, extractor: str | None) -> None:
         path = self._manifest_path
+        seen = self._files_stat()  # before reading: a change while we read is seen next time
+        # The log first: a writer folding it into a new manifest between the two reads then
+        # leaves us its old lines and the new manifest that holds them too, never less.
+        logged = self._read_log()
         try:
             manifest = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise FeatureStoreError(f"{path}: corrupt feature store manifest ({exc})") from exc
-        if not isinstance(manifest, dict) or manifest.get("version") != FORMAT_VERSION:
+        if not isinstance(manifest, dict) or manifest.get("version") not in READABLE_VERSIONS:
             raise FeatureStoreError(
-                f"{path}: not a version-{FORMAT_VERSION} feature store manifest "
+                f"{path}: not a feature store manifest of version {' or '.join(map(str, READABLE_VERSIONS))} "
                 f"(version {manifest.get('version') if isinstance(manifest, dict) else None!r})"
             )
         stored_dim = manifest.get("dim")
@@ -345,6 +379,10 @@ class FeatureStore:
         shards = manifest.get("shards")
         if not isinstance(shards, list):
             raise FeatureStoreError(f"{path}: field 'shards' must be a list")
+        folded = {shard.get("name") for shard in shards if isinstance(shard, dict)}
+        logged = [entry for entry in logged if not (isinstance(entry, dict) and entry.get("name") in folded)]
+        self._logged = len(logged)
+        shards = [*shards, *logged]
         names, starts, index, rows = [], [], {}, 0
         for number, shard in enumerate(shards):
             self._check_shard_entry(number, shard, rows, index)
@@ -355,6 +393,24 @@ class FeatureStore:
         self._dim = stored_dim
         self._extractor = stored_extractor if stored_extractor is not None else extractor
         self._view = _View(tuple(names), rows, index, np.asarray(starts, dtype=np.int64))
+        self._seen = seen
+
+    def _read_log(self) -> list[object]:
+        """The shard entries in the log, in order; a last line without its newline (a crash
+        while writing it) is left out."""
+        try:
+            text = self._log_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return []
+        except (OSError, UnicodeDecodeError) as exc:
+            raise FeatureStoreError(f"{self._log_path}: unreadable feature store log ({exc})") from exc
+        entries = []
+        for number, line in enumerate(text.split("\n")[:-1], start=1):
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise FeatureStoreError(f"{self._log_path}: line {number} is not JSON ({exc})") from exc
+        return entries
 
     def _check_shard_entry(self, number: int, shard: object, start: int, index: dict) -> None:
         where = f"{self._manifest_path}: shards[{number}]"

@@ -95,20 +95,24 @@ def test_present_or_repeated_key_and_dim_mismatch_are_refused_before_writing(tmp
     assert FeatureStore(tmp_path, extractor="sha-of-detector-1").keys() == ["a"]
 
 
-def test_crash_between_shard_rename_and_manifest_leaves_old_state_and_rerun_completes(tmp_path, monkeypatch):
+def test_crash_between_shard_rename_and_its_log_line_leaves_old_state_and_rerun_completes(
+        tmp_path, monkeypatch):
     store = FeatureStore(tmp_path)
     store.append("a", make_record(2, 1))
     manifest_before = (tmp_path / "manifest.json").read_text()
 
-    def crash(path, value, **_):
+    def crash(path, line):
+        with open(path, "a") as handle:
+            handle.write(line[:10])  # half a line, then the power goes
         raise OSError("simulated power cut")
 
-    monkeypatch.setattr(featurestore, "write_json_atomic", crash)
+    monkeypatch.setattr(featurestore, "append_line", crash)
     with pytest.raises(OSError, match="power cut"):
         store.append_many([("b", make_record(3, 2)), ("c", make_record(1, 3))])
     monkeypatch.undo()
     assert (tmp_path / "shard-000001").is_dir()  # the shard was renamed into place
     assert (tmp_path / "manifest.json").read_text() == manifest_before
+    assert not (tmp_path / "manifest.log").read_text().endswith("\n")  # the cut line is there
 
     after_crash = FeatureStore(tmp_path)
     assert after_crash.keys() == ["a"] and len(after_crash) == 2
@@ -120,7 +124,7 @@ def test_crash_between_shard_rename_and_manifest_leaves_old_state_and_rerun_comp
     final = FeatureStore(tmp_path)
     assert final.keys() == ["a", "b", "c"] and len(final) == 6
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
-        "manifest.json", "shard-000000", "shard-000001"]
+        "manifest.json", "manifest.log", "shard-000000", "shard-000001"]
 
 
 def test_crash_while_writing_the_shard_leaves_only_a_hidden_temp_folder(tmp_path, monkeypatch):
@@ -247,3 +251,47 @@ def test_a_store_of_many_small_shards_reads_within_a_low_file_limit(tmp_path, mo
         assert reader.get("k99").features.shape == (2, DIM)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_the_log_is_folded_into_the_manifest_and_both_are_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(featurestore, "CHECKPOINT_EVERY", 4)
+    store = FeatureStore(tmp_path)
+    for i in range(10):
+        store.append(f"k{i}", make_record(2, i))
+        manifest = json.loads((tmp_path / "manifest.json").read_text())
+        lines = (tmp_path / "manifest.log").read_text().splitlines()
+        # appends 1, 5 and 9 write a manifest holding everything; the others add a line
+        assert len(lines) == i % 4 and len(manifest["shards"]) + len(lines) == i + 1
+    assert manifest["version"] == 2
+    reopened = FeatureStore(tmp_path)
+    assert reopened.keys() == [f"k{i}" for i in range(10)] and len(reopened) == 20
+    np.testing.assert_array_equal(reopened.features(np.arange(20)), store.features(np.arange(20)))
+
+    # A crash after a new manifest was written but before the log was emptied: the log's
+    # lines are in the manifest too, and are read once.
+    logged = [json.loads(line) for line in (tmp_path / "manifest.log").read_text().splitlines()]
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "shards": manifest["shards"] + logged}))
+    assert logged and FeatureStore(tmp_path).keys() == reopened.keys()
+
+
+def test_a_version_1_store_is_read_and_appended_to(tmp_path):
+    store = FeatureStore(tmp_path)
+    store.append("a", make_record(2, 1))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "version": 1}))
+    (tmp_path / "manifest.log").unlink()
+    old = FeatureStore(tmp_path)
+    assert old.keys() == ["a"]
+    old.append("b", make_record(1, 2))
+    assert FeatureStore(tmp_path).keys() == ["a", "b"]
+
+
+def test_two_writers_taking_turns_never_lose_each_others_records(tmp_path):
+    one, two = FeatureStore(tmp_path), FeatureStore(tmp_path)
+    for i in range(6):
+        (one if i % 2 == 0 else two).append(f"k{i}", make_record(2, i))
+    assert one.keys() == [f"k{i}" for i in range(5)]  # up to its own last append
+    assert two.keys() == [f"k{i}" for i in range(6)]
+    assert one.refresh() and one.keys() == two.keys() == FeatureStore(tmp_path).keys()
+    with pytest.raises(FeatureStoreError, match="already in the feature store"):
+        one.append("k5", make_record(1, 9))  # the other writer's key, seen after the re-read

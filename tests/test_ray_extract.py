@@ -84,7 +84,8 @@ def ray_store(root: Path, tiny_checkpoints) -> FeatureStore:
 def assert_same_as_local(store: FeatureStore, local: FeatureStore) -> None:
     """Every key once, with the local path's boxes, kinds and (float16) features."""
     manifest = json.loads((store.root / "manifest.json").read_text())
-    keys = [key for shard in manifest["shards"] for key in shard["keys"]]
+    logged = [json.loads(line) for line in (store.root / "manifest.log").read_text().splitlines()]
+    keys = [key for shard in manifest["shards"] + logged for key in shard["keys"]]
     assert sorted(keys) == sorted(local.keys()) == [f"a{i}" for i in range(N_ARTWORKS)]
     assert len(store) == len(local)
     for key in local.keys():

@@ -10,8 +10,8 @@ regions and the artwork's annotation boxes, as float16 rows. The pipeline::
              becomes a row with an error message, never a failed job
     actors   RegionBatchExtractor: loads the detector once, runs RegionExtractor.extract on a
              batch of decoded images (one GPU per actor when the cluster has GPUs)
-    driver   FeatureStore.append_many per shard of records: a new shard folder, then one atomic
-             manifest replace, so a killed worker, node or driver loses at most the records
+    driver   FeatureStore.append_many per shard of records: a new shard folder, then one
+             fsynced manifest-log line, so a killed worker, node or driver loses at most the records
              not yet committed, and a rerun completes them without duplicates
 
 Records travel to the driver through Ray's object store (float16, ~2 KiB per region at
