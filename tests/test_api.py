@@ -326,6 +326,29 @@ def test_a_replica_picks_up_what_another_instance_ingested(
                 client.__exit__(None, None, None)
 
 
+def test_search_pages_past_k_rank_another_block_of_candidates(
+        tiny_checkpoints: TinyCheckpoints, tmp_path: Path) -> None:
+    with pg_database() as url:
+        client = start(make_settings(url, tmp_path / "data", tiny_checkpoints.scan,
+                                     tiny_checkpoints.detector, retrieval={"candidates": 3}))
+        try:
+            for number in range(2):
+                assert client.post("/artworks", headers=WRITE, **artwork_form(
+                    f"pages-{number}", seed=70 + number)).status_code == 201
+            assert client.app.state.runtime.engine.fragment_count() >= 6
+
+            def page(offset: int, limit: int) -> list[int]:
+                response = client.get("/search", params={"q": "gold birds", "offset": offset, "limit": limit})
+                assert response.status_code == 200, response.text
+                return [hit["fragment_id"] for hit in response.json()["items"]]
+
+            beyond = page(3, 3)  # past K = 3: a second block of 3 candidates is ranked
+            assert len(beyond) == 3
+            assert page(0, 6)[3:] == beyond  # the same block of K, the same ranking
+        finally:
+            client.__exit__(None, None, None)
+
+
 def test_health_readiness_and_metrics(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")

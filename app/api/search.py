@@ -24,8 +24,9 @@ router = APIRouter(tags=["retrieval"])
     description=(
         "Two stages: FAISS proposes the K fragments whose pooled vectors are nearest to the "
         "query's, stacked cross attention reranks them. Each hit carries, for every query "
-        "word, the fragment's regions it attended to. Only the K candidates are ranked: a page "
-        "past them is empty."
+        "word, the fragment's regions it attended to. A page past the first K hits fetches and "
+        "reranks K more candidates at a time, so every page of one block of K comes from the "
+        "same candidates."
     ),
     responses={
         422: {"description": "empty, wordless or over-long query"},
@@ -46,7 +47,8 @@ async def search(
     if len(q) > settings.limits.max_query_chars:
         raise Problem(422, "query-too-long", "Query too long",
                       f"q has {len(q)} characters; the limit is {settings.limits.max_query_chars}")
-    candidates = settings.retrieval.candidates
+    # Whole blocks of K: the pages within one block rank the same candidates.
+    candidates = -(-(offset + limit) // settings.retrieval.candidates) * settings.retrieval.candidates
     filters = {name: value for name, value in
                (("source", source), ("classification", classification)) if value is not None}
     timings: dict[str, float] = {}
