@@ -355,7 +355,7 @@ class FeatureStore:
         # leaves us its old lines and the new manifest that holds them too, never less.
         logged = self._read_log()
         try:
-            manifest = json.loads(path.read_text())
+            manifest = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise FeatureStoreError(f"{path}: corrupt feature store manifest ({exc})") from exc
         if not isinstance(manifest, dict) or manifest.get("version") not in READABLE_VERSIONS:

@@ -295,3 +295,10 @@ def test_two_writers_taking_turns_never_lose_each_others_records(tmp_path):
     assert one.refresh() and one.keys() == two.keys() == FeatureStore(tmp_path).keys()
     with pytest.raises(FeatureStoreError, match="already in the feature store"):
         one.append("k5", make_record(1, 9))  # the other writer's key, seen after the re-read
+
+
+def test_keys_beyond_ascii_survive_the_manifest_and_the_log(tmp_path):
+    store = FeatureStore(tmp_path)
+    store.append("Ägyptisches Museum ☥ 1", make_record(2, 1))  # the manifest
+    store.append("Ägyptisches Museum ☥ 2", make_record(2, 2))  # the log
+    assert FeatureStore(tmp_path).keys() == ["Ägyptisches Museum ☥ 1", "Ägyptisches Museum ☥ 2"]
