@@ -203,3 +203,31 @@ def test_collection_ingest_reuses_the_collections_features(db_session, tiny_extr
     again = ingest_collection(db_session, engine_or_extractor=extractor, store=store,
                               collection=collection, progress=False)
     assert again == {"unchanged": 3}
+
+
+def test_a_curator_box_becomes_a_fragment_once_and_never_without_an_image(
+        ingest, db_session, store, tiny_extractor):
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from app.services.ingest import IndexChange, add_box_fragment
+
+    artwork = db_session.get(Artwork, ingest().artwork_id)
+    engine = SimpleNamespace(store=store, extractor=tiny_extractor)
+    change = IndexChange()
+    fragment = add_box_fragment(db_session, engine=engine, artwork=artwork, box=[2, 3, 30, 40], change=change)
+    assert fragment.source == "annotation" and change.added_fragments == [fragment.id]
+    assert np.allclose(fragment.box, [2, 3, 30, 40], atol=0.01)
+    own = store.get(store.keys()[-1])  # the pooled box, stored under its own key
+    np.testing.assert_array_equal(store.features(fragment.region_rows[:1]), own.features.astype(np.float32))
+    extracted = {r.store_row for r in artwork.regions if r.kind == 1}
+    assert set(fragment.region_rows[1:]) <= extracted
+    again = add_box_fragment(db_session, engine=engine, artwork=artwork, box=[2, 3, 30, 40], change=change)
+    assert again is fragment and change.added_fragments == [fragment.id]
+    db_session.commit()
+
+    Path(artwork.image_location).unlink()
+    assert add_box_fragment(db_session, engine=engine, artwork=artwork, box=[5, 5, 20, 20],
+                            change=change) is None
+    assert change.added_fragments == [fragment.id]
+    db_session.rollback()

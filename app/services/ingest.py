@@ -180,21 +180,27 @@ def detect_regions(
 
 
 def add_box_fragment(session: Session, *, engine: Any, artwork: Artwork,
-                     box: Sequence[float], change: IndexChange) -> Fragment:
+                     box: Sequence[float], change: IndexChange) -> Fragment | None:
     """The annotation fragment of ``box`` on ``artwork``, made when it has none yet: the box
     is pooled from the artwork's image (one detector pass, stored under a key naming the
     image and the box), its region set is the box plus the artwork's extracted regions
-    inside it, and the new fragment goes into ``change`` for the index. Inside the caller's
-    transaction; nothing is committed here."""
+    inside it, and the new fragment goes into ``change`` for the index. None, with a
+    warning, when there is no image or no detector to pool it with (an artwork imported
+    with precomputed features). Inside the caller's transaction; nothing is committed here."""
     wanted = np.asarray(box, dtype=np.float32).reshape(4)
-    for fragment in artwork.fragments:
-        if fragment.source == "annotation" and np.abs(np.asarray(fragment.box) - wanted).max() <= BOX_MATCH_PIXELS:
+    for fragment in session.scalars(select(Fragment).where(Fragment.artwork_id == artwork.id,
+                                                            Fragment.source == "annotation")):
+        if np.abs(np.asarray(fragment.box) - wanted).max() <= BOX_MATCH_PIXELS:
             return fragment
     store = engine.store
     key = f"{artwork.image_sha256}:boxes:{hashlib.sha256(wanted[None].tobytes()).hexdigest()[:32]}"
     if not store.has(key):
+        if engine.extractor is None or not Path(artwork.image_location or "").is_file():
+            log.warning("artwork %s: no image or no detector to pool the box %s with; the "
+                        "annotation is kept, the box is not a fragment", artwork.external_id, box)
+            return None
         image = load_image(artwork.image_location, name=f"artwork {artwork.external_id!r}: image")
-        _append_once(store, key, _need(engine.extractor, "pool a box").pool(image, wanted[None], kind=ANNOTATION))
+        _append_once(store, key, engine.extractor.pool(image, wanted[None], kind=ANNOTATION))
     start, _ = store.rows_of(key)
     record = store.get(key)
     session.add(Region(artwork_id=artwork.id, store_row=int(start), x1=float(record.boxes[0, 0]),
