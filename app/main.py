@@ -192,7 +192,8 @@ def _start(settings: Settings, metrics: Metrics) -> Runtime:
     )
     metrics.track_index("fragments", engine.fragment_count)
     metrics.track_index("phrases", engine.phrase_count)
-    pool = InferencePool(settings.limits.max_inflight, settings.limits.inference_threads)
+    pool = InferencePool(settings.limits.max_inflight, settings.limits.inference_threads,
+                         settings.limits.torch_threads)
     metrics.inflight.set_function(lambda: pool.inflight)
     return Runtime(
         settings=settings,

@@ -34,6 +34,10 @@ class Limits(BaseModel):
         description="inference calls running at once; PyTorch already spreads one call over "
         "the cores, so more threads than cores only adds contention",
     )
+    torch_threads: int = Field(
+        0, ge=0, description="threads PyTorch spreads one inference call over; 0 keeps "
+        "PyTorch's default (one per core)"
+    )
     max_batch_items: int = Field(500, ge=1, description="artworks in one POST /artworks/batch")
 
 

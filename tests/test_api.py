@@ -349,6 +349,24 @@ def test_search_pages_past_k_rank_another_block_of_candidates(
             client.__exit__(None, None, None)
 
 
+def test_the_service_sets_the_threads_of_one_inference_call(
+        tiny_checkpoints: TinyCheckpoints, tmp_path: Path) -> None:
+    """torch.set_num_threads is per thread (OpenMP): each inference worker must set it."""
+    import asyncio
+
+    import torch
+
+    wanted = torch.get_num_threads() + 1
+    with pg_database() as url:
+        client = start(make_settings(url, tmp_path / "data", tiny_checkpoints.scan,
+                                     tiny_checkpoints.detector, limits={"torch_threads": wanted}))
+        try:
+            pool = client.app.state.runtime.pool
+            assert asyncio.run(pool.run(torch.get_num_threads)) == wanted
+        finally:
+            client.__exit__(None, None, None)
+
+
 def test_health_readiness_and_metrics(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")

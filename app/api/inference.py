@@ -22,11 +22,14 @@ T = TypeVar("T")
 
 
 class InferencePool:
-    def __init__(self, max_inflight: int, threads: int):
+    def __init__(self, max_inflight: int, threads: int, torch_threads: int = 0):
         self.max_inflight = max_inflight
         self.inflight = 0  # touched only on the event loop thread, so no lock is needed
+        # torch.set_num_threads sets the calling thread's OpenMP team size, so each worker
+        # sets its own; one call made at startup would not reach them.
         self._executor = ThreadPoolExecutor(max_workers=min(threads, max_inflight),
-                                            thread_name_prefix="artalign-inference")
+                                            thread_name_prefix="artalign-inference",
+                                            initializer=_set_torch_threads, initargs=(torch_threads,))
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """``fn(*args, **kwargs)`` on a worker thread; :class:`Overloaded` when ``max_inflight``
@@ -42,3 +45,10 @@ class InferencePool:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _set_torch_threads(count: int) -> None:
+    if count:
+        import torch
+
+        torch.set_num_threads(count)
