@@ -177,12 +177,27 @@ def _sync_indexes(runtime: Runtime, stop: threading.Event) -> None:
                         exc_info=True)
 
 
+def _raise_file_limit() -> None:
+    """Lift the soft open-file limit to the hard one, as servers do: the feature store keeps
+    shards memory-mapped (one descriptor per array) and sizes its cache from this limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            log.info("open-file limit raised from %d to %d", soft, hard)
+        except (ValueError, OSError) as exc:
+            log.warning("open-file limit stays at %d (%s)", soft, exc)
+
+
 def _start(settings: Settings, metrics: Metrics) -> Runtime:
     """Load what every request shares; any problem stops the service here, with its cause."""
     from app.db.session import session_factory
     from app.services.retrieval import Engine
 
     database = preflight(settings)
+    _raise_file_limit()
     engine = Engine.load(
         database=database,
         scan_checkpoint=settings.scan_checkpoint,

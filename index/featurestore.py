@@ -27,6 +27,7 @@ import fcntl
 import json
 import logging
 import os
+import resource
 import shutil
 import threading
 import uuid
@@ -51,10 +52,19 @@ ARRAYS = ("features", "boxes", "scores", "kinds")
 # float16 holds up to 65504; features of a ReLU MLP head stay far below, but a broken
 # extractor must not silently write inf.
 FLOAT16_MAX = float(np.finfo(np.float16).max)
-# Shards kept memory-mapped at once (each mapped array holds a file descriptor, four per
-# shard). The service appends one shard per upload, so without a bound a store of a few
-# hundred uploaded artworks exhausts a 1024-descriptor limit; least recently used go first.
-MAX_OPEN_SHARDS = 128
+# Shards kept memory-mapped at once, least recently used unmapped first. Each mapped array
+# holds a file descriptor, four per shard, and the service appends one shard per upload:
+# unbounded, a few hundred uploads exhaust a 1024-descriptor limit. None: an eighth of the
+# process's descriptor limit, at least 128 (remapping a shard costs four opens, so the
+# bound should stay above the shards a search touches).
+MAX_OPEN_SHARDS: int | None = None
+
+
+def open_shard_limit() -> int:
+    if MAX_OPEN_SHARDS is not None:
+        return MAX_OPEN_SHARDS
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(128, soft // 8) if soft != resource.RLIM_INFINITY else 1 << 16
 
 
 @dataclass(frozen=True)
@@ -455,7 +465,8 @@ class FeatureStore:
             )
         with self._arrays_lock:
             self._arrays[name] = arrays
-            while len(self._arrays) > MAX_OPEN_SHARDS:
+            limit = open_shard_limit()
+            while len(self._arrays) > limit:
                 # Unmapped (and its descriptors closed) once no caller holds a view of it.
                 self._arrays.popitem(last=False)
         return arrays
