@@ -133,7 +133,9 @@ def store_append_rate(root: Path, dim: int, rows: int, shards: int = 20, per_sha
     images = shards * per_shard
     return {"images": images, "images_per_second": images / seconds,
             "megabytes_per_second": store_bytes(root) / 1e6 / seconds,
-            "manifest_bytes_per_key": (root / "manifest.json").stat().st_size / images}
+            # the key maps live in manifest.json and, since its last rewrite, manifest.log
+            "manifest_bytes_per_key": sum((root / name).stat().st_size for name in ("manifest.json", "manifest.log")
+                                          if (root / name).exists()) / images}
 
 
 def postgres_bytes(server_url: str, rows: int, artworks: int = 2000) -> dict[str, Any]:
