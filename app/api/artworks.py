@@ -315,20 +315,23 @@ def _parse_artwork(text: str, *, external_id: str | None = None) -> ArtworkIn:
 
 
 def _ingest(runtime: Runtime, session: Session, item: ArtworkIn, image_bytes: bytes) -> IngestReport:
-    from app.services.ingest import detect_regions, ingest_artwork
+    from app.services.ingest import decode_image, detect_regions, ingest_artwork
 
     annotations = [a.model_dump() for a in item.annotations]
-    common = dict(external_id=item.external_id, image_bytes=image_bytes, annotations=annotations,
-                  max_pixels=runtime.settings.limits.max_image_pixels)
+    store = runtime.engine.store
     with runtime.metrics.stage("ingest"):
-        # The detector pass, the slow part, runs outside the write lock, so concurrent uploads
-        # overlap; only the store append, the rows and the index change are serialised.
-        record = detect_regions(runtime.engine, runtime.engine.store, **common)
+        # Decoding and the detector pass, the slow parts, run outside the write lock, so
+        # concurrent uploads overlap; only the store append, the rows and the index change
+        # are serialised.
+        image = decode_image(item.external_id, image_bytes, runtime.settings.limits.max_image_pixels)
+        record = detect_regions(runtime.engine, store, image=image, image_bytes=image_bytes,
+                                annotations=annotations)
         with runtime.write_lock:
             result = ingest_artwork(
-                session, engine_or_extractor=runtime.engine, store=runtime.engine.store,
-                title=item.title, metadata=item.metadata, captions=item.captions, record=record,
-                **common,
+                session, engine_or_extractor=runtime.engine, store=store,
+                external_id=item.external_id, image_bytes=image_bytes, image=image,
+                title=item.title, metadata=item.metadata, captions=item.captions,
+                annotations=annotations, record=record,
             )
     return IngestReport(id=result.artwork_id, external_id=result.external_id, status=result.status,
                         fragments=result.fragments, phrases=result.phrases,

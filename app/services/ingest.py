@@ -99,6 +99,7 @@ def ingest_artwork(
     image_dir: str | Path | None = None,
     image_location: str | None = None,
     max_pixels: int | None = None,
+    image: Image.Image | None = None,
 ) -> IngestResult:
     """Create, replace or confirm (unchanged) the artwork ``external_id``.
 
@@ -107,12 +108,13 @@ def ingest_artwork(
     holds them); None extracts them here. record: the image's regions when already
     extracted (a collection's feature store). The image is kept at ``image_location`` if
     given, else written under ``image_dir`` (default: the engine's) named by its sha256.
+    image: ``image_bytes`` already decoded by :func:`decode_image` (not decoded again).
     """
     external_id = _check_external_id(external_id)
     captions = [_check_text(c, f"captions[{i}]") for i, c in enumerate(captions)]
     metadata = dict(metadata or {})
-    name = f"artwork {external_id!r}: image"
-    image = load_image(image_bytes, name=name, **({"max_pixels": max_pixels} if max_pixels else {}))
+    if image is None:
+        image = decode_image(external_id, image_bytes, max_pixels)
     width, height = image.size
     notes = [_annotation(item, i, width, height) for i, item in enumerate(annotations)]
     image_sha256 = hashlib.sha256(image_bytes).hexdigest()
@@ -159,20 +161,24 @@ def ingest_artwork(
                         len(change.added_fragments), len(artwork.phrase_links))
 
 
+def decode_image(external_id: str, image_bytes: bytes, max_pixels: int | None = None) -> Image.Image:
+    """The uploaded image of artwork ``external_id``, decoded and checked (ImageError names
+    the artwork)."""
+    name = f"artwork {_check_external_id(external_id)!r}: image"
+    return load_image(image_bytes, name=name, **({"max_pixels": max_pixels} if max_pixels else {}))
+
+
 def detect_regions(
-    engine_or_extractor: Any, store: FeatureStore, *, external_id: str, image_bytes: bytes,
-    annotations: Iterable[Any] = (), max_pixels: int | None = None,
+    engine_or_extractor: Any, store: FeatureStore, *, image: Image.Image, image_bytes: bytes,
+    annotations: Iterable[Any] = (),
 ) -> RegionRecord | None:
     """The detector pass of :func:`ingest_artwork`, for ``record=``: the image's regions with
     the annotation boxes pooled as annotation rows. It reads nothing it would have to lock,
     so a service runs it before taking its write lock and uploads overlap where they cost
-    most. None when the store already holds the image (ingest reuses that record). Bad input
-    raises the same errors ingest_artwork would."""
-    image_sha256 = hashlib.sha256(image_bytes).hexdigest()
-    if store.has(image_sha256):
+    most. None when the store already holds the image (ingest reuses that record). Bad boxes
+    raise the same errors ingest_artwork would."""
+    if store.has(hashlib.sha256(image_bytes).hexdigest()):
         return None
-    name = f"artwork {_check_external_id(external_id)!r}: image"
-    image = load_image(image_bytes, name=name, **({"max_pixels": max_pixels} if max_pixels else {}))
     width, height = image.size
     boxes = [_annotation(item, i, width, height).box for i, item in enumerate(annotations)]
     extractor = _need(getattr(engine_or_extractor, "extractor", engine_or_extractor), "extract regions")
