@@ -2,8 +2,8 @@
 
 At startup the lifespan validates the settings' files, connects to the database, loads the
 SCAN checkpoint, the region extractor, the feature store and the FAISS indexes (the retrieval
-:class:`~app.services.retrieval.Engine`) and keeps them in ``app.state.runtime``; routes
-reach them through the dependencies in :mod:`app.api.deps`.
+:class:`~app.services.retrieval.Engine`) and keeps them in ``app.state.runtime`` (an
+:class:`app.runtime.Runtime`); routes reach them through the dependencies in :mod:`app.api.deps`.
 """
 
 from __future__ import annotations
@@ -12,19 +12,17 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from sqlalchemy import Engine as DatabaseEngine
-from sqlalchemy.orm import Session, sessionmaker
 
 from app.api import errors
 from app.api.inference import InferencePool
 from app.api.limits import BodyLimitMiddleware
 from app.api.metrics import Metrics, MetricsMiddleware
+from app.runtime import Runtime
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -41,26 +39,6 @@ Align fragments of artwork images with noun phrases of their descriptions, both 
 
 Errors are `application/problem+json` (RFC 9457).
 """
-
-
-@dataclass
-class Runtime:
-    """Everything loaded once at startup and shared by every request."""
-
-    settings: Settings
-    database: DatabaseEngine
-    sessions: sessionmaker[Session]
-    engine: Any  # app.services.retrieval.Engine (imported lazily: it pulls in torch)
-    pool: InferencePool
-    metrics: Metrics
-    key_hashes: frozenset[str]
-    # Ingest, replace, delete and curation append to the feature store and update the
-    # indexes: one writer at a time keeps the store's manifest and the indexes consistent.
-    write_lock: threading.Lock
-
-    def url(self, path: str) -> str:
-        """A URL for a path of this service, as clients should follow it."""
-        return self.settings.public_url.rstrip("/") + path
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from app.api.deps import RuntimeDep, SessionDep, content_type
 from app.api.errors import Problem, invalid_request
 from app.api.schemas import AnnotateBox, AnnotateResult, PhraseArtwork, PhraseHit
-from app.main import Runtime
+from app.runtime import Runtime
 
 if TYPE_CHECKING:
     from app.services.retrieval import PhraseHit as EnginePhraseHit

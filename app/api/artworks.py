@@ -41,7 +41,7 @@ from app.api.schemas import (
     WebAnnotationTarget,
 )
 from app.db.models import Artwork
-from app.main import Runtime
+from app.runtime import Runtime
 from app.services import catalog
 
 router = APIRouter(tags=["artworks"])

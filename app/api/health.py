@@ -10,7 +10,7 @@ from sqlalchemy import text
 
 from app.api.deps import RuntimeDep
 from app.api.schemas import Health, Readiness, ReadinessCheck
-from app.main import Runtime
+from app.runtime import Runtime
 
 router = APIRouter(tags=["operations"])
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query
 from app.api.deps import RuntimeDep, SessionDep
 from app.api.errors import Problem
 from app.api.schemas import AttendedRegion, SearchHit, SearchPage, WordAttention
-from app.main import Runtime
+from app.runtime import Runtime
 
 if TYPE_CHECKING:
     from app.services.retrieval import FragmentHit
