@@ -253,58 +253,13 @@ def evaluate(checkpoint: Path, collection_root: Path, *, features: Path | None =
             "k_candidates": k, "config": ckpt.config, **result}
 
 
-# The thesis's Table 4.1 rows: (label, direction, agg, bidirectional GRU).
-GRID = (
-    ("t-i LSE", "t2i", "lse", True),
-    ("t-i AVG", "t2i", "mean", True),
-    ("i-t LSE", "i2t", "lse", True),
-    ("i-t AVG", "i2t", "mean", True),
-    ("uni-GRU i-t AVG", "i2t", "mean", False),
-)
-
-
-def run_grid(checkpoint: Path, collection_root: Path, *, features: Path | None = None,
-             split: str = "test", k: int = K_CANDIDATES, epochs: int | None = None,
-             device: str = "cpu") -> dict:
-    """Train and evaluate the five Table 4.1 variants with ``checkpoint``'s other options.
-
-    Each variant's checkpoint goes to ``<checkpoint stem>-grid/<variant>.pt``; the thesis's
-    per-direction λ_softmax defaults apply (t2i 9, i2t 4).
-    """
-    from models.checkpoint import load_checkpoint
-    from training.train import TrainOptions, train
-
-    base = load_checkpoint(checkpoint, kind="scan").record or {}
-    if "options" not in base:
-        raise ValueError(f"{checkpoint}: its record holds no training options to vary")
-    folder = Path(checkpoint).parent / f"{Path(checkpoint).stem}-grid"
-    rows = []
-    for label, direction, agg, bidirectional in GRID:
-        options = dict(base["options"], collection=str(collection_root), direction=direction,
-                       agg=agg, bidirectional=bidirectional, lambda_softmax=None, resume=False,
-                       device=device, out=str(folder / f"{label.replace(' ', '-')}.pt"))
-        if features is not None:
-            options["features"] = str(features)
-        if epochs is not None:
-            options["epochs"] = epochs
-            options["lr_update"] = min(options["lr_update"], epochs)
-        log.info("grid row %s: training %s", label, options["out"])
-        trained = train(TrainOptions.from_dict(options))
-        result = evaluate(trained.checkpoint, collection_root, features=features, split=split,
-                          k=k, device=device)
-        result["label"] = label
-        result["epoch_seconds"] = [row["train_seconds"] for row in trained.history]
-        rows.append(result)
-    return {"grain": rows[0]["grain"], "split": split, "rows": rows}
-
-
 def _directions(result: dict) -> tuple[tuple[str, str], tuple[str, str]]:
     if result["grain"] == "coarse":
         return ("image_annotation", "Image annotation"), ("image_retrieval", "Image retrieval")
     return ("crop_to_phrase", "Crop -> phrase"), ("phrase_to_fragment", "Phrase -> fragment")
 
 
-def _cells(result: dict, scorer: str) -> list[str]:
+def result_cells(result: dict, scorer: str) -> list[str]:
     cells = []
     for key, _ in _directions(result):
         cells += [f"{result[key][scorer][f'r{k}']:.1f}" for k in metrics.KS]
@@ -313,7 +268,7 @@ def _cells(result: dict, scorer: str) -> list[str]:
     return cells
 
 
-def _table(header_rows: list[str], rows: list[tuple[str, list[str]]], result: dict) -> str:
+def format_table(header_rows: list[str], rows: list[tuple[str, list[str]]], result: dict) -> str:
     (_, first), (_, second) = _directions(result)
     head = ["", *[f"{first} R@{k}" for k in metrics.KS], "medr",
             *[f"{second} R@{k}" for k in metrics.KS], "medr", "rsum", *header_rows]
@@ -329,9 +284,9 @@ def format_result(result: dict) -> str:
     scorers = (("SCAN (exhaustive)", "scan"),
                (f"two-stage (K={result['k_candidates']})", "two_stage"),
                ("pooled vectors (first stage)", "pooled"))
-    rows = [(label, _cells(result, scorer)) for label, scorer in scorers]
+    rows = [(label, result_cells(result, scorer)) for label, scorer in scorers]
     lines = [f"{result['grain']} grain, split {result['split']}, {result['checkpoint']}",
-             _table([], rows, result)]
+             format_table([], rows, result)]
     for key, label in _directions(result):
         kept = result[key]["kept"]["r10"]
         lines.append(f"{label}: two-stage keeps "
@@ -345,14 +300,6 @@ def format_result(result: dict) -> str:
                      f"pooled {grounding['pooled']['r1']:.1f} (n={grounding['scan']['n']})")
     lines.append(f"counts: {result['counts']}")
     return "\n".join(lines)
-
-
-def format_grid(grid: dict) -> str:
-    """The five variants as one table, like the thesis's Table 4.1 (exhaustive SCAN)."""
-    rows = [(row["label"], [*_cells(row, "scan"), f"{row['rsum']['pooled']:.1f}",
-                            f"{np.mean(row['epoch_seconds']):.0f}"]) for row in grid["rows"]]
-    return (f"{grid['grain']} grain, split {grid['split']} (exhaustive SCAN)\n"
-            + _table(["pooled rsum", "s/epoch"], rows, grid["rows"][0]))
 
 
 def plain_json(value):
