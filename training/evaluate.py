@@ -35,19 +35,10 @@ import torch
 from tqdm import tqdm
 
 from collection.layout import Collection
-from models.scan import SCAN, load_scan, pooled
-from models.vocab import Vocabulary
+from models.encoder import Encoder
+from models.scan import load_scan, pooled
 from training import metrics
-from training.data import (
-    MAX_WORDS,
-    AlignmentData,
-    alignment_data,
-    encode_text,
-    gather_regions,
-    open_store,
-    pad_ids,
-    split_fragments,
-)
+from training.data import AlignmentData, alignment_data, open_store, split_fragments
 
 if TYPE_CHECKING:
     from index.featurestore import FeatureStore
@@ -67,17 +58,15 @@ class Scores:
 
 
 @torch.no_grad()
-def score(model: SCAN, data: AlignmentData, *, chunk: int = 256, progress: bool = True) -> Scores:
+def score(encoder: Encoder, data: AlignmentData, *, chunk: int = 256, progress: bool = True) -> Scores:
     """SCAN and pooled scores of every fragment of ``data`` against every text of ``data``.
 
     Texts are encoded once; fragments in chunks of ``chunk``, sorted by region count so that
     a chunk pads little.
     """
+    model = encoder.model
     model.eval()
-    device = next(model.parameters()).device
-    word_ids, word_lens = pad_ids(data.text_ids)
-    texts = model.encode_texts(word_ids.to(device), word_lens.to(device))  # (n_txt, w, d)
-    word_lens = word_lens.to(device)
+    texts, word_lens = encoder.ids(data.text_ids)  # (n_txt, w, d)
     text_pooled = pooled(texts, word_lens)  # (n_txt, d)
     n = len(data.fragment_rows)
     scan = torch.empty(n, len(data.texts))
@@ -86,9 +75,7 @@ def score(model: SCAN, data: AlignmentData, *, chunk: int = 256, progress: bool 
     for start in tqdm(range(0, n, chunk), desc="scoring fragments", unit="chunk",
                       disable=not progress, leave=False):
         members = order[start:start + chunk]
-        raw, lens = gather_regions(data.store, [data.fragment_rows[i] for i in members])
-        lens = lens.to(device)
-        images = model.encode_images(raw.to(device), lens)  # (c, r, d)
+        images, lens = encoder.stored(data.store, [data.fragment_rows[i] for i in members])  # (c, r, d)
         scan[members] = model.similarity(images, lens, texts, word_lens).float().cpu()
         cosine[members] = (pooled(images, lens) @ text_pooled.T).float().cpu()  # (c, n_txt)
     return Scores(scan, cosine)
@@ -131,10 +118,10 @@ def task(scores: Scores, relevant: np.ndarray, *, queries_are_rows: bool, k: int
     return result
 
 
-def evaluate_coarse(model: SCAN, collection: Collection, store: FeatureStore,
-                    vocab: Vocabulary, *, split: str, k: int) -> dict:
-    data = alignment_data(collection, store, vocab, grain="coarse", split=split)
-    scores = score(model, data)
+def evaluate_coarse(encoder: Encoder, collection: Collection, store: FeatureStore, *,
+                    split: str, k: int) -> dict:
+    data = alignment_data(collection, store, encoder.vocab, grain="coarse", split=split)
+    scores = score(encoder, data)
     relevant = data.relevance()  # (n_artwork, n_caption)
     annotation = task(scores, relevant, queries_are_rows=True, k=k)
     retrieval = task(scores, relevant, queries_are_rows=False, k=k)
@@ -157,8 +144,8 @@ def phrase_relevance(fragments: AlignmentData, phrases: list[str], boxes_of: dic
     return relevant
 
 
-def evaluate_fine(model: SCAN, collection: Collection, store: FeatureStore,
-                  vocab: Vocabulary, *, split: str, k: int) -> dict:
+def evaluate_fine(encoder: Encoder, collection: Collection, store: FeatureStore, *,
+                  split: str, k: int) -> dict:
     artworks = collection.split(split)
     annotated = [a for a in artworks if a.annotations]
     if not annotated:
@@ -175,9 +162,9 @@ def evaluate_fine(model: SCAN, collection: Collection, store: FeatureStore,
 
     # crop -> phrase: annotation fragments against every phrase of the split. alignment_data
     # and split_fragments number artworks in split order, as number_of does.
-    crops = _with_texts(alignment_data(collection, store, vocab, grain="fine", split=split,
-                                       supervision="boxes"), all_phrases, vocab)
-    crop_scores = score(model, crops)
+    crops = _with_texts(alignment_data(collection, store, encoder.vocab, grain="fine",
+                                       split=split, supervision="boxes"), all_phrases, encoder)
+    crop_scores = score(encoder, crops)
     crop_relevant = phrase_relevance(crops, crops.texts, boxes_of)
     crop_to_phrase = task(crop_scores, crop_relevant, queries_are_rows=True, k=k)
 
@@ -186,11 +173,12 @@ def evaluate_fine(model: SCAN, collection: Collection, store: FeatureStore,
     queries = list(dict.fromkeys((number_of[a.id], n.phrase) for a in annotated
                                  for n in a.annotations))
     query_phrases = list(dict.fromkeys(phrase for _, phrase in queries))
-    candidates = split_fragments(collection, store, vocab, split=split, texts=query_phrases)
+    candidates = split_fragments(collection, store, encoder.vocab, split=split,
+                                 texts=query_phrases)
     column_of = {text: i for i, text in enumerate(candidates.texts)}
     queries = [(number, phrase) for number, phrase in queries if phrase in column_of]
     columns = np.asarray([column_of[phrase] for _, phrase in queries], dtype=np.int64)
-    fragment_scores = score(model, candidates)
+    fragment_scores = score(encoder, candidates)
     fragment_relevant = phrase_relevance(candidates, candidates.texts, boxes_of)
     phrase_to_fragment = task(fragment_scores, fragment_relevant, queries_are_rows=False, k=k,
                               query_rows=columns)
@@ -207,12 +195,10 @@ def evaluate_fine(model: SCAN, collection: Collection, store: FeatureStore,
     }
 
 
-def _with_texts(data: AlignmentData, texts: list[str], vocab: Vocabulary) -> AlignmentData:
+def _with_texts(data: AlignmentData, texts: list[str], encoder: Encoder) -> AlignmentData:
     """``data`` with its texts replaced by ``texts`` (pairs dropped: relevance is by IoU)."""
-    kept = [(t, encode_text(t, vocab, MAX_WORDS)) for t in texts]
-    kept = [(t, ids) for t, ids in kept if ids]
-    data.texts = [t for t, _ in kept]
-    data.text_ids = [ids for _, ids in kept]
+    data.texts = list(texts)
+    data.text_ids = [encoder.text_ids(text) for text in texts]
     data.pairs = np.zeros((0, 2), dtype=np.int64)
     return data
 
@@ -247,7 +233,7 @@ def evaluate(checkpoint: Path, collection_root: Path, *, features: Path | None =
     collection = Collection.load(collection_root)
     store = open_store(collection.root, features)
     run = evaluate_coarse if grain == "coarse" else evaluate_fine
-    result = run(model, collection, store, vocab, split=split, k=k)
+    result = run(Encoder(model, vocab), collection, store, split=split, k=k)
     return {"checkpoint": str(checkpoint), "model_version": ckpt.sha256,
             "collection": str(collection.root), "split": split, "grain": grain,
             "k_candidates": k, "config": ckpt.config, **result}

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from collection.layout import Collection
 from index.atomic import write_atomic
+from models.encoder import Encoder
 from models.scan import SCAN, ScanConfig, ScanLosses, contrastive_loss, pooled
 from training import metrics
 from training.data import (
@@ -127,9 +128,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def validate(model: SCAN, data: AlignmentData) -> dict[str, Any]:
+def validate(encoder: Encoder, data: AlignmentData) -> dict[str, Any]:
     """rsum and recalls of SCAN (and of the pooled vectors) on the validation pairs."""
-    scores = score(model, data, progress=False)
+    scores = score(encoder, data, progress=False)
     relevant = data.relevance()
     scan = metrics.bidirectional(scores.scan, relevant)
     pooled = metrics.bidirectional(scores.pooled, relevant)
@@ -208,7 +209,7 @@ def train(options: TrainOptions) -> TrainResult:
         schedule.step()
         model.config.max_violation = options.max_violation
         row["train_seconds"] = time.perf_counter() - started
-        row.update(validate(model, val_data))
+        row.update(validate(Encoder(model, vocab), val_data))
         history.append(row)
         # A vectors-only baseline is judged by its vectors: its cross attention is untrained.
         selected = row["val_pooled_rsum"] if config.xattn_weight == 0 else row["val_rsum"]
