@@ -90,7 +90,6 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from index.vectors import VectorIndex
     from models.scan import pooled, xattn_similarity
 
     torch.set_num_threads(options.threads)
@@ -113,12 +112,7 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
 
     log.info("building the indexes over %d pooled fragment vectors", len(ids))
     vectors = pooled(images, image_lens).numpy()  # (n, d)
-    started = time.perf_counter()
-    indexes = {"flat": VectorIndex.build(ids, vectors, exact_below=len(ids) + 1, use_gpu=False)}
-    build_seconds = {"flat": time.perf_counter() - started}
-    started = time.perf_counter()
-    indexes["ivf"] = VectorIndex.build(ids, vectors, exact_below=1, use_gpu=False)
-    build_seconds["ivf"] = time.perf_counter() - started
+    indexes, build_seconds = _build_indexes(ids, vectors)
     query_vectors = pooled(texts, text_lens).numpy()  # (q, d)
 
     log.info("ranking %d queries exhaustively", options.queries)
@@ -143,6 +137,25 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
                 overlaps.append(len(set(ranked) & set(truth[query])) / TOP)
             methods.append({"method": f"two-stage {kind}", "k": k, **_summary(times),
                             "overlap@10": round(float(np.mean(overlaps)), 4)})
+    return _report(options, ids, indexes, build_seconds, methods)
+
+
+def _build_indexes(ids: np.ndarray, vectors: np.ndarray) -> tuple[dict[str, Any], dict[str, float]]:
+    """A flat (exact) and an IVF index over the pooled vectors, and their build times."""
+    from index.vectors import VectorIndex
+
+    indexes, seconds = {}, {}
+    for kind, exact_below in (("flat", len(ids) + 1), ("ivf", 1)):
+        started = time.perf_counter()
+        indexes[kind] = VectorIndex.build(ids, vectors, exact_below=exact_below, use_gpu=False)
+        seconds[kind] = time.perf_counter() - started
+    return indexes, seconds
+
+
+def _report(options: argparse.Namespace, ids: np.ndarray, indexes: dict[str, Any],
+            build_seconds: dict[str, float], methods: list[dict[str, Any]]) -> dict[str, Any]:
+    import torch
+
     exhaustive_ms = methods[0]["median_ms"]
     for method in methods:
         method["speedup"] = round(exhaustive_ms / method["median_ms"], 1)
