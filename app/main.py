@@ -52,7 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.runtime = runtime
         log.info(
             "serving %d fragments and %d phrases with model %s",
-            runtime.engine.fragment_count(), runtime.engine.phrase_count(),
+            runtime.engine.indexes.fragment_count(), runtime.engine.indexes.phrase_count(),
             runtime.engine.model_version[:12],
         )
         stop = threading.Event()
@@ -145,11 +145,11 @@ def preflight(settings: Settings) -> DatabaseEngine:
 
 def _sync_indexes(runtime: Runtime, stop: threading.Event) -> None:
     """Every ``index_sync_seconds``, pick up what another process committed and indexed
-    (Engine.sync), so replicas of the service stay fresh without a restart."""
+    (Indexes.sync), so replicas of the service stay fresh without a restart."""
     while not stop.wait(runtime.settings.index_sync_seconds):
         try:
             with runtime.sessions() as session:
-                runtime.engine.sync(session)
+                runtime.engine.indexes.sync(session)
         except Exception:  # the database may be down for a while: /readyz says so; try again
             log.warning("index sync failed; retrying in %.0f s", runtime.settings.index_sync_seconds,
                         exc_info=True)
@@ -183,8 +183,8 @@ def _start(settings: Settings, metrics: Metrics) -> Runtime:
         data_dir=settings.data_dir,
         device=settings.device,
     )
-    metrics.track_index("fragments", engine.fragment_count)
-    metrics.track_index("phrases", engine.phrase_count)
+    metrics.track_index("fragments", engine.indexes.fragment_count)
+    metrics.track_index("phrases", engine.indexes.phrase_count)
     pool = InferencePool(settings.limits.max_inflight, settings.limits.inference_threads,
                          settings.limits.torch_threads)
     metrics.inflight.set_function(lambda: pool.inflight)

@@ -30,8 +30,8 @@ def readyz(runtime: RuntimeDep) -> JSONResponse:
     checks = {
         "model": _check(lambda: f"version {runtime.engine.model_version[:12]}"),
         "index": _check(
-            lambda: f"{runtime.engine.fragment_count()} fragments, "
-            f"{runtime.engine.phrase_count()} phrases"
+            lambda: f"{runtime.engine.indexes.fragment_count()} fragments, "
+            f"{runtime.engine.indexes.phrase_count()} phrases"
         ),
         "database": _check(lambda: _ping(runtime)),
     }
