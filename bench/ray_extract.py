@@ -28,9 +28,18 @@ import platform
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.report import publish, run_as_main
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from collection.layout import Collection
+    from index.featurestore import FeatureStore
+
+    # measure(engine name, extract into a store) -> the store it filled
+    Measure = Callable[[str, Callable[[FeatureStore], dict[str, int]]], FeatureStore]
 
 log = logging.getLogger(__name__)
 
@@ -267,8 +276,8 @@ def _random_detector(path: Path) -> Path:
     return path
 
 
-def _ray_runs(options: argparse.Namespace, report: dict[str, Any], measure: Any,
-              collection: Any, detector: Path, local: Any) -> None:
+def _ray_runs(options: argparse.Namespace, report: dict[str, Any], measure: Measure,
+              collection: Collection, detector: Path, local: FeatureStore) -> None:
     """Extraction through Ray at each concurrency, each checked against the local features."""
     import numpy as np
     import ray
