@@ -403,3 +403,36 @@ def test_upload_real_photograph_and_bad_files(page, service: Service, egyptian_d
     assert refused.value.status == 422
     page.locator("#error-text").filter(has_text=refused.value.json()["detail"]).wait_for()
     assert page.locator("#upload-results .phrase").count() == 0
+
+
+def test_api_docs_render_with_no_network(browser, service: Service) -> None:
+    """/docs lists every operation of the OpenAPI document with nothing loaded from outside:
+    any request that is not to the service itself is refused, and there must be none."""
+    operations = sum(
+        1 for methods in service.get_json("/openapi.json")["paths"].values()
+        for method in methods if method in {"get", "post", "put", "delete", "patch"}
+    )
+    context = browser.new_context(viewport=DESKTOP)
+    outside: list[str] = []
+
+    def only_the_service(route) -> None:
+        if route.request.url.startswith(service.url):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", only_the_service)
+    tab = context.new_page()
+    script_errors: list[str] = []
+    tab.on("pageerror", lambda error: script_errors.append(str(error)))
+    try:
+        tab.goto(service.url + "/docs")
+        tab.locator(".opblock").first.wait_for(timeout=30_000)
+        assert tab.locator(".opblock").count() == operations
+        assert tab.locator(".opblock-summary-path", has_text="/search").count() >= 1
+        screenshot(tab, "api-docs")
+    finally:
+        context.close()
+    assert outside == [], f"the docs page tried to load from outside: {outside}"
+    assert not script_errors, f"the docs page threw: {script_errors}"
