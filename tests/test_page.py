@@ -436,3 +436,63 @@ def test_api_docs_render_with_no_network(browser, service: Service) -> None:
         context.close()
     assert outside == [], f"the docs page tried to load from outside: {outside}"
     assert not script_errors, f"the docs page threw: {script_errors}"
+
+
+def test_resize_a_box_by_its_handles(page, service: Service) -> None:
+    """A drawn box has eight handles; dragging one with the mouse, or with a finger, moves
+    only its edges, and Ctrl+arrows move the top-left corner; each change asks for phrases."""
+    artwork, _ = largest_annotation(service)
+    artwork_id = service_id(service, artwork.id)
+    detail = service.get_json(f"/artworks/{artwork_id}")
+    size = width, height = detail["width"], detail["height"]
+    page.goto(f"/#/artworks/{artwork_id}")
+    page.wait_for_function("document.querySelector('#artwork-stage img')?.complete")
+    frame = page.locator("#artwork-stage img").bounding_box()
+    pixel = width / frame["width"]  # original pixels per displayed pixel
+
+    def sent_box(action) -> list[float]:
+        with page.expect_request(lambda request: request.url.endswith("/annotate")) as sent:
+            action()
+        return json.loads(sent.value.post_data)["box"]
+
+    def drag(start, end) -> None:
+        page.mouse.move(*to_screen(frame, size, *start))
+        page.mouse.down()
+        page.mouse.move(*to_screen(frame, size, *end), steps=5)
+        page.mouse.up()
+
+    box = [width * 0.3, height * 0.3, width * 0.6, height * 0.6]
+    drawn = sent_box(lambda: drag(box[:2], box[2:]))
+    assert page.locator("#artwork-stage circle.handle").count() == 8
+
+    # The mouse takes the bottom-right handle and pulls it out; the top-left stays put.
+    corner = (drawn[2], drawn[3])
+    target = (width * 0.8, height * 0.75)
+    resized = sent_box(lambda: drag(corner, target))
+    assert resized[:2] == drawn[:2]
+    assert resized[2] == pytest.approx(target[0], abs=2 * pixel + 1)
+    assert resized[3] == pytest.approx(target[1], abs=2 * pixel + 1)
+    assert page.locator("#artwork-stage circle.handle").count() == 8
+
+    # A finger takes the left edge's handle (touch events, as a phone sends them).
+    touch = page.context.new_cdp_session(page)
+    left = to_screen(frame, size, resized[0], (resized[1] + resized[3]) / 2)
+    goal = to_screen(frame, size, width * 0.1, (resized[1] + resized[3]) / 2)
+
+    def finger() -> None:
+        for kind, (x, y) in (("touchStart", left), ("touchMove", ((left[0] + goal[0]) / 2, left[1])),
+                             ("touchMove", goal), ("touchEnd", goal)):
+            points = [] if kind == "touchEnd" else [{"x": x, "y": y}]
+            touch.send("Input.dispatchTouchEvent", {"type": kind, "touchPoints": points})
+
+    touched = sent_box(finger)
+    assert touched[0] == pytest.approx(width * 0.1, abs=2 * pixel + 1)
+    assert touched[1:] == resized[1:]
+
+    # The keyboard moves the top-left corner with Ctrl+arrows.
+    page.locator("#artwork-stage").focus()
+    page.keyboard.press("Control+ArrowUp")
+    keyed = sent_box(lambda: page.keyboard.press("Enter"))
+    step = max(1, round(height * 0.02))
+    assert keyed == [touched[0], max(0, touched[1] - step), touched[2], touched[3]]
+    screenshot(page, "resize-handles")
