@@ -375,6 +375,59 @@ def test_upload_a_crop(page, service: Service, trained: bool, tmp_path: Path) ->
     screenshot(page, "upload")
 
 
+
+def test_keep_an_uploaded_crop_as_a_new_artwork(page, service: Service, tmp_path: Path) -> None:
+    """An uploaded crop can be saved as an artwork (with the API key); an id already in use is
+    refused, not overwritten; then its phrases can be accepted for the whole image."""
+    from PIL import Image
+
+    artwork, annotation = largest_annotation(service)
+    crop_path = tmp_path / "kept motif.png"
+    with Image.open(service.collection / artwork.image) as image:
+        crop = image.convert("RGB").crop(tuple(round(v) for v in annotation.box))
+        crop.save(crop_path)
+    page.goto("/#/upload")
+    page.locator("#upload-file").set_input_files(str(crop_path))
+    page.locator("#upload-results .phrase-text").first.wait_for()
+    assert page.locator("#upload-keep-id").input_value() == "kept-motif"
+
+    # Someone else's id: refused before anything is written.
+    posted: list[str] = []
+    page.on("request", lambda r: posted.append(r.url) if r.method == "POST" and "/artworks" in r.url else None)
+    page.evaluate(f"localStorage.setItem('artalign.apiKey', {json.dumps(API_KEY)})")
+    page.locator("#upload-keep-id").fill(artwork.id)
+    page.locator("#upload-keep-save").click()
+    page.locator("#error").wait_for()
+    assert "exists already" in page.locator("#error-text").text_content()
+    assert posted == []
+
+    new_id = "kept-motif-test"
+    page.locator("#upload-keep-id").fill(new_id)
+    with page.expect_response(lambda r: r.url.endswith("/artworks") and r.request.method == "POST") as saved:
+        page.locator("#upload-keep-save").click()
+    assert saved.value.status == 201
+    report = saved.value.json()
+    try:
+        page.locator("#upload-keep-saved a").wait_for()
+        assert page.locator("#upload-keep-saved a").get_attribute("href") == f"#/artworks/{report['id']}"
+        accept = page.locator("#upload-results button.accept")
+        assert accept.count() == page.locator("#upload-results .phrase").count() > 0
+        phrase = page.locator("#upload-results .phrase-text").first.text_content()
+        with page.expect_response(lambda r: r.url.endswith("/annotations")) as stored:
+            accept.first.click()
+        assert stored.value.status == 201
+        assert json.loads(stored.value.request.post_data) == {
+            "artwork_id": report["id"], "box": [0, 0, crop.width, crop.height], "phrase": phrase,
+        }
+        assert phrase in service.get_json(f"/artworks/{report['id']}")["phrases"]
+        assert_controls_named(page)
+        screenshot(page, "upload-kept")
+    finally:
+        request = urllib.request.Request(f"{service.url}/artworks/external/{new_id}", method="DELETE",
+                                         headers={"X-API-Key": API_KEY})
+        urllib.request.urlopen(request, timeout=30).close()
+
+
 def test_upload_real_photograph_and_bad_files(page, service: Service, egyptian_dir: Path,
                                               tmp_path: Path) -> None:
     photograph = sorted((egyptian_dir / "images-large").glob("*.jpg"))[0]
