@@ -74,6 +74,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=API_VERSION,
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # app.api.docs serves /docs from installed files, not a CDN
+        redoc_url=None,
         responses={
             422: {"description": "invalid request", "content": {errors.PROBLEM_JSON: {}}},
         },
@@ -97,10 +99,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def _include_routes(app: FastAPI) -> None:
-    from app.api import annotate, artworks, health, search
+    from app.api import annotate, artworks, docs, health, search
 
     for module in (health, search, annotate, artworks):
         app.include_router(module.router)
+    docs.install(app)
     if (STATIC_DIR / "index.html").is_file():
         _serve_curator_page(app)
 
