@@ -2,7 +2,8 @@
 thesis "Image-text Alignment for Artworks". The whole model, top to bottom:
 
 1. ScanConfig     the hyperparameters; saved in the checkpoint, the model rebuilds from it
-2. encoders       regions: Linear(D_raw -> d) + L2 norm; words: Embedding -> GRU -> L2 norm
+2. encoders       regions: Linear(D_raw -> d) + L2 norm; words: Embedding -> GRU -> L2 norm,
+                  or frozen MiniLM -> Linear -> L2 norm (models/text.py, ``text_encoder``)
 3. attention      xattn_similarity: every region set against every word sequence, batched
 4. pooled         the first-stage vector (normalised mean) that FAISS searches
 5. loss           hinge triplet loss, hardest in-batch negatives, both directions
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from models.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from models.text import TEXT_ENCODERS, MiniLMHead, minilm_weights_sha256
 from models.vocab import PAD_ID, Vocabulary
 
 CHECKPOINT_KIND = "scan"
@@ -71,12 +73,19 @@ class ScanConfig:
     pooled_weight: float = 1.0  # weight of the pooled (first-stage) loss in the total
     xattn_weight: float = 1.0  # weight of the cross-attention loss; 0 trains a vectors-only baseline
     chunk_size: int = 64  # images and texts per block when scoring all pairs
+    # "gru" (the thesis) or "minilm" (frozen all-MiniLM-L6-v2 + a trained projection, see
+    # models/text.py); minilm_sha256 names the MiniLM weights a minilm model was trained on
+    text_encoder: str = "gru"
+    minilm_sha256: str | None = None
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
             raise ValueError(f"ScanConfig.direction must be one of {DIRECTIONS}, got {self.direction!r}")
         if self.agg not in AGGREGATIONS:
             raise ValueError(f"ScanConfig.agg must be one of {AGGREGATIONS}, got {self.agg!r}")
+        if self.text_encoder not in TEXT_ENCODERS:
+            raise ValueError(f"ScanConfig.text_encoder must be one of {TEXT_ENCODERS}, got "
+                             f"{self.text_encoder!r}")
         if self.lambda_softmax is None:
             self.lambda_softmax = default_lambda_softmax(self.direction)
         if self.xattn_weight < 0 or self.pooled_weight < 0 or self.xattn_weight + self.pooled_weight == 0:
@@ -387,14 +396,15 @@ class SCAN(nn.Module):
         super().__init__()
         self.config = config
         self.image_encoder = ImageEncoder(config)
-        self.text_encoder = TextEncoder(config)
+        self.text_encoder = TextEncoder(config) if config.text_encoder == "gru" else MiniLMHead(config)
 
     def encode_images(self, raw: Tensor, lens: Tensor) -> Tensor:
         """(n, r, D_raw) raw region features -> (n, r, d) unit rows, zero padded."""
         return self.image_encoder(raw, lens)
 
     def encode_texts(self, ids: Tensor, lens: Tensor) -> Tensor:
-        """(n, w) word ids -> (n, w, d) unit rows, zero padded."""
+        """(n, w) word ids, or (n, w, 384) MiniLM word features (see models.text.TextReader)
+        -> (n, w, d) unit rows, zero padded."""
         return self.text_encoder(ids, lens)
 
     def similarity(self, images: Tensor, image_lens: Tensor, texts: Tensor, text_lens: Tensor) -> Tensor:
@@ -437,6 +447,12 @@ def load_scan(path: str | Path, device: str | torch.device = "cpu") -> tuple[SCA
     if len(vocab) != config.vocab_size:
         raise CheckpointError(
             f"{path}: vocabulary has {len(vocab)} tokens but the config says {config.vocab_size}"
+        )
+    if config.text_encoder == "minilm" and config.minilm_sha256 != minilm_weights_sha256():
+        raise CheckpointError(
+            f"{path}: trained on MiniLM weights {str(config.minilm_sha256)[:12]}, but the "
+            f"installed ones are {minilm_weights_sha256()[:12]}; install the package version "
+            "it was trained with, or retrain"
         )
     model = SCAN(config)
     try:

@@ -35,6 +35,7 @@ from index.fragments import (
     fragments_of,
     iou,
 )
+from models.text import TextReader, pad_inputs
 from models.vocab import PAD_ID, Vocabulary, tokenize
 from training.metrics import iou_relevance
 
@@ -67,6 +68,9 @@ class AlignmentData:
     text_ids: list[list[int]]  # word ids of each text (no start/end markers)
     pairs: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
     # (n_pair, 2) int64 [fragment, text]: the positives
+    # what the model's text encoder reads, per text (models.text.TextReader, see read_texts);
+    # None: the word ids above
+    text_inputs: list[torch.Tensor] | None = None
 
     def relevance(self) -> np.ndarray:
         """(n_fragment, n_text) bool: True where (fragment, text) is a positive pair."""
@@ -269,6 +273,20 @@ def gather_regions(store: FeatureStore, rows: list[np.ndarray]) -> tuple[torch.T
     return torch.from_numpy(padded), torch.from_numpy(lens)
 
 
+def read_texts(data: AlignmentData, reader: TextReader) -> AlignmentData:
+    """Give ``data`` its texts as ``reader`` reads them for the model (MiniLM features are
+    computed here once per distinct text, not once per batch)."""
+    data.text_inputs = reader.inputs([reader.tokens(text) for text in data.texts])
+    return data
+
+
+def text_batch(data: AlignmentData, numbers) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's padded text input for texts ``numbers`` of ``data``, and their lens."""
+    if data.text_inputs is None:
+        return pad_ids([data.text_ids[t] for t in numbers])
+    return pad_inputs([data.text_inputs[t] for t in numbers])
+
+
 def pad_ids(id_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Padded word ids: ((n, w_max) int64 PAD_ID padded, (n,) lens)."""
     lens = torch.tensor([len(ids) for ids in id_lists], dtype=torch.int64)
@@ -336,7 +354,7 @@ def batch_of(data: AlignmentData, pair_numbers: np.ndarray,
     batch also carries negative fragments drawn for its artworks (see NegativeFragments)."""
     fragments, texts = data.pairs[pair_numbers, 0], data.pairs[pair_numbers, 1]
     regions, region_lens = gather_regions(data.store, [data.fragment_rows[f] for f in fragments])
-    word_ids, word_lens = pad_ids([data.text_ids[t] for t in texts])
+    word_ids, word_lens = text_batch(data, texts)
     artworks = torch.from_numpy(data.fragment_artworks[fragments])
     texts_t = torch.from_numpy(texts)
     ignore = (artworks[:, None] == artworks[None, :]) | (texts_t[:, None] == texts_t[None, :])

