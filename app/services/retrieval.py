@@ -35,10 +35,12 @@ from sqlalchemy.orm import Session
 
 from app.db.models import Artwork, ArtworkPhrase, Fragment, IndexBuild, Phrase, Region
 from app.services.ingest import IndexChange, resolve_device
+from app.services.query import ParsedQuery, parse_query
 from index.featurestore import FeatureStore
 from index.fragments import DEFAULT_MAX_MEMBERS, EXTRACTED, GIVEN, fragments_of, region_set_members
 from index.vectors import VectorIndex, VectorIndexError, read_manifest
-from models.vocab import UNK_ID, Vocabulary, tokenize
+from models.text import TextReader
+from models.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +125,7 @@ class Engine:
     ) -> None:
         self.model = model
         self.vocab = vocab
+        self.reader = TextReader.of(model.config, vocab)  # the text side, as in training
         self.model_version = model_version
         self.store = store
         self.extractor = extractor
@@ -343,19 +346,20 @@ class Engine:
         return self.model.encode_images(raw.to(self.device), lens), lens  # (n, r, d), (n,)
 
     def token_lists(self, texts: Sequence[str]) -> list[list[str]]:
-        return [tokenize(text) for text in texts]
+        return [self.reader.tokens(text) for text in texts]
 
     @torch.inference_mode()
     def encode_texts(self, token_lists: Sequence[Sequence[str]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token lists -> (n, w_max, d) unit word vectors and (n,) lens. A text with no
-        tokens reads as one unknown word, so every phrase has a vector."""
-        ids = [self.vocab.encode(tokens) or [UNK_ID] for tokens in token_lists]
-        lens = torch.tensor([len(x) for x in ids], dtype=torch.long)
-        padded = torch.zeros(len(ids), int(lens.max()), dtype=torch.long)  # PAD_ID is 0
-        for i, row in enumerate(ids):
-            padded[i, : len(row)] = torch.tensor(row)
+        """Token lists -> (n, w_max, d) unit word vectors and (n,) lens, through the model's
+        text reader (models.text). A text with no tokens still gets one row, so every phrase
+        has a vector."""
+        inputs, lens = self.reader.batch(token_lists)
         lens = lens.to(self.device)
-        return self.model.encode_texts(padded.to(self.device), lens), lens  # (n, w, d), (n,)
+        return self.model.encode_texts(inputs.to(self.device), lens), lens  # (n, w, d), (n,)
+
+    def parse_query(self, query: str) -> ParsedQuery:
+        """The phrases of a typed query that search_text scores (app.services.query)."""
+        return parse_query(query, self.reader)
 
     def _pooled_fragments(self, region_rows: Sequence[Sequence[int]]) -> np.ndarray:
         from models.scan import pooled
@@ -372,28 +376,31 @@ class Engine:
     # -- text -> fragments ----------------------------------------------------------------
 
     def search_text(
-        self, session: Session, query: str, *, k: int = 100, limit: int = 10, offset: int = 0,
-        filters: Mapping[str, str] | None = None, timings: dict[str, float] | None = None,
+        self, session: Session, query: str | ParsedQuery, *, k: int = 100, limit: int = 10,
+        offset: int = 0, filters: Mapping[str, str] | None = None,
+        timings: dict[str, float] | None = None,
     ) -> list[FragmentHit]:
-        """Fragments that show ``query``, best first: FAISS top-``k`` by pooled vectors, then
-        cross-attention rerank; ``filters`` keep artworks whose metadata field equals a value."""
-        from collection.phrases import normalise_phrase
+        """Fragments that show ``query``, best first. The query is split into its noun
+        phrases (app.services.query); FAISS returns the top-``k`` fragments of each phrase's
+        pooled vector, cross attention scores every candidate against every phrase, and a
+        fragment's score is the mean over the phrases. ``filters`` keep artworks whose
+        metadata field equals a value."""
         from models.scan import pooled
 
         _check_page(k, limit, offset)
-        tokens = tokenize(normalise_phrase(query))
-        if not tokens:
-            raise ValueError(f"query {query!r} has no words to search for")
         with _timed(timings, "encode"):
-            text, text_lens = self.encode_texts([tokens])  # (1, w, d)
-            query_vector = pooled(text, text_lens).float().cpu().numpy()  # (1, d)
+            parsed = query if isinstance(query, ParsedQuery) else self.parse_query(query)
+            text, text_lens = self.encode_texts(parsed.tokens)  # (p, w, d)
+            query_vectors = pooled(text, text_lens).float().cpu().numpy()  # (p, d)
         with _timed(timings, "stage1"):
             allowed = self._allowed_fragments(session, filters) if filters else None
             if allowed is not None and not len(allowed):
                 end_read(session)
                 return []
-            _, candidates = self.indexes["fragments"].search(query_vector, k, allowed_ids=allowed)
-            candidates = candidates[0][candidates[0] >= 0]
+            _, found_ids = self.indexes["fragments"].search(query_vectors, k, allowed_ids=allowed)
+            # the union of the phrases' candidates, each nearest first
+            candidates = np.asarray(list(dict.fromkeys(found_ids.T.reshape(-1).tolist())), dtype=np.int64)
+            candidates = candidates[candidates >= 0]
             rows = {r.id: r for r in session.execute(
                 select(Fragment.id, Fragment.artwork_id, Fragment.x1, Fragment.y1, Fragment.x2,
                        Fragment.y2, Fragment.source, Fragment.region_rows)
@@ -406,12 +413,13 @@ class Engine:
             return []
         with _timed(timings, "rerank"):
             images, image_lens = self.encode_region_sets([r.region_rows for r in found])
-            scores = self.model.similarity(images, image_lens, text, text_lens)[:, 0].float().cpu()
+            per_phrase = self.model.similarity(images, image_lens, text, text_lens)  # (n, p)
+            scores = per_phrase.mean(dim=1).float().cpu()
             order = sorted(range(len(found)), key=lambda i: (-float(scores[i]), found[i].id))
             page = order[offset: offset + limit]
             hits = self._fragment_hits(session, [found[i] for i in page],
                                        [float(scores[i]) for i in page],
-                                       images[page], image_lens[page], text[0], tokens)
+                                       images[page], image_lens[page], text, parsed.tokens)
         return hits
 
     def _allowed_fragments(self, session: Session, filters: Mapping[str, str]) -> np.ndarray:
@@ -422,7 +430,7 @@ class Engine:
 
     def _fragment_hits(
         self, session: Session, rows: list[Any], scores: list[float], images: torch.Tensor,
-        image_lens: torch.Tensor, text: torch.Tensor, tokens: list[str],
+        image_lens: torch.Tensor, texts: torch.Tensor, tokens: list[list[str]],
     ) -> list[FragmentHit]:
         from models.scan import word_region_attention
 
@@ -433,12 +441,13 @@ class Engine:
         lambda_softmax = self.model.config.word_attention_lambda
         hits = []
         for row, score, image, n_regions in zip(rows, scores, images, image_lens.tolist(), strict=True):
-            weights = word_region_attention(image[:n_regions], text[: len(tokens)], lambda_softmax)  # (w, r)
             region_boxes = [boxes[(row.artwork_id, store_row)] for store_row in row.region_rows]
             attention = []
-            for word, word_weights in zip(tokens, weights.float().cpu().tolist(), strict=True):
-                ranked = sorted(zip(region_boxes, word_weights, strict=True), key=lambda bw: -bw[1])
-                attention.append(WordAttention(word, [AttendedRegion(tuple(b), w) for b, w in ranked]))
+            for text, words in zip(texts, tokens, strict=True):  # each phrase's words in turn
+                weights = word_region_attention(image[:n_regions], text[:len(words)], lambda_softmax)  # (w, r)
+                for word, word_weights in zip(words, weights.float().cpu().tolist(), strict=True):
+                    ranked = sorted(zip(region_boxes, word_weights, strict=True), key=lambda bw: -bw[1])
+                    attention.append(WordAttention(word, [AttendedRegion(tuple(b), w) for b, w in ranked]))
             artwork = artworks[row.artwork_id]
             hits.append(FragmentHit(
                 fragment_id=row.id, artwork_id=artwork.id, external_id=artwork.external_id,
