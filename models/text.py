@@ -146,16 +146,18 @@ class TextReader:
     """Texts -> what a SCAN model's text encoder reads: word ids (gru) or cached MiniLM word
     features (minilm), padded; and which words the model cannot use."""
 
-    def __init__(self, encoder: str, vocab: Vocabulary, *, max_words: int = MAX_WORDS):
+    def __init__(self, encoder: str, vocab: Vocabulary, *, max_words: int = MAX_WORDS,
+                 cache_size: int = CACHE_TEXTS):
         if encoder not in TEXT_ENCODERS:
             raise ValueError(f"text encoder must be one of {TEXT_ENCODERS}, got {encoder!r}")
         self.encoder, self.vocab, self.max_words = encoder, vocab, max_words
+        self.cache_size = cache_size  # 0: read every text afresh (benchmarks)
         self._cache: OrderedDict[tuple[str, ...], Tensor] = OrderedDict()
         self._lock = threading.Lock()
 
     @classmethod
-    def of(cls, config: ScanConfig, vocab: Vocabulary) -> TextReader:
-        return cls(config.text_encoder, vocab)
+    def of(cls, config: ScanConfig, vocab: Vocabulary, **options) -> TextReader:
+        return cls(config.text_encoder, vocab, **options)
 
     def tokens(self, text: str) -> list[str]:
         """The words of ``text`` that are read (the shared tokenizer, cut to max_words)."""
@@ -175,6 +177,8 @@ class TextReader:
             return [torch.tensor(self.vocab.encode(t) or [UNK_ID], dtype=torch.int64)
                     for t in token_lists]
         keys = [tuple(t) if t else ("",) for t in token_lists]
+        if not self.cache_size:
+            return minilm().word_features([list(k) for k in keys])
         with self._lock:
             missing = list(dict.fromkeys(k for k in keys if k not in self._cache))
         if missing:
@@ -182,7 +186,7 @@ class TextReader:
             with self._lock:
                 for key, features in zip(missing, computed, strict=True):
                     self._cache[key] = features
-                    if len(self._cache) > CACHE_TEXTS:
+                    if len(self._cache) > self.cache_size:
                         self._cache.popitem(last=False)
         with self._lock:
             found = []
