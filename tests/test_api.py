@@ -135,6 +135,14 @@ def test_ingest_search_replace_delete(client: TestClient) -> None:
     assert thumbnail.status_code == 200 and thumbnail.headers["content-type"] == "image/jpeg"
     assert hits == sorted(hits, key=lambda h: -h["score"])
 
+    # A query naming two things: each phrase scored, the words the GRU cannot read named.
+    answer = client.get("/search", params={"q": "two gold birds beside a zebra"}).json()
+    assert answer["phrases"] == ["two gold birds", "zebra"] and not answer["whole_query"]
+    assert answer["unknown_words"] == ["beside", "zebra"]
+    assert [w["word"] for w in answer["items"][0]["attention"]] == ["two", "gold", "birds", "zebra"]
+    answer = client.get("/search", params={"q": "very old"}).json()  # no noun phrase: searched whole
+    assert answer["whole_query"] and answer["phrases"] == ["very old"] and answer["items"]
+
     # Replace: a new image and caption. The artwork keeps its id, its fragments are new.
     replaced = client.put("/artworks/external/vase-1", headers=WRITE, **artwork_form(
         "vase-1", seed=2, captions=["A red dragon among clouds."]))
