@@ -126,7 +126,6 @@ def _time_index(model, reader, phrases: list[str]) -> dict[str, Any]:
 
 def _time_training(phrases: list[str], vocab, batch: int) -> dict[str, float]:
     """Seconds of one text-side forward + backward on ``batch`` phrases, per way of training."""
-    import torch
 
     from models.text import minilm
 

