@@ -53,6 +53,17 @@ def test_an_empty_query_is_refused(query):
         parse_query(query, GRU)
 
 
+def test_scores_combine_best_phrase_first_then_the_others():
+    import torch
+
+    from app.services.query import combine
+
+    per_phrase = torch.tensor([[0.9, 0.1], [0.5, 0.5], [0.9, 0.5], [0.7, 0.7]])
+    # the best phrase counts most; with it equal, a fragment that also shows the other wins
+    assert combine(per_phrase).tolist() == pytest.approx([0.7, 0.5, 0.8, 0.7])
+    assert combine(torch.tensor([[0.3]])).tolist() == pytest.approx([0.3])  # one phrase: itself
+
+
 # -- the queries file ---------------------------------------------------------------------
 
 

@@ -87,12 +87,13 @@ def exhaustive_search(engine, session, query, filters=None):
                      if all(f.artwork.meta.get(k) == v for k, v in filters.items())]
     raw, lens = padded_region_sets(engine.store, [f.region_rows for f in fragments])
     images = engine.model.encode_images(raw, lens)
-    per_phrase = []  # one phrase at a time; a fragment's score is the mean over the phrases
+    per_phrase = []  # one phrase at a time; then (best + mean) / 2 over the phrases
     for phrase in engine.parse_query(query).phrases:
         ids, n_words = word_ids(engine.vocab, phrase)
         text = engine.model.encode_texts(ids, n_words)
         per_phrase.append(similarity(engine.model, images, lens, text, n_words)[:, 0])
-    scores = torch.stack(per_phrase).mean(dim=0)
+    stacked = torch.stack(per_phrase)  # (p, n)
+    scores = (stacked.amax(dim=0) + stacked.mean(dim=0)) / 2
     ranked = sorted(zip([f.id for f in fragments], scores.tolist(), strict=True), key=lambda p: (-p[1], p[0]))
     session.rollback()
     return ranked

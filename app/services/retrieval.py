@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 
 from app.db.models import Artwork, ArtworkPhrase, Fragment, IndexBuild, Phrase, Region
 from app.services.ingest import IndexChange, resolve_device
-from app.services.query import ParsedQuery, parse_query
+from app.services.query import ParsedQuery, combine, parse_query
 from index.featurestore import FeatureStore
 from index.fragments import DEFAULT_MAX_MEMBERS, EXTRACTED, GIVEN, fragments_of, region_set_members
 from index.vectors import VectorIndex, VectorIndexError, read_manifest
@@ -382,9 +382,9 @@ class Engine:
     ) -> list[FragmentHit]:
         """Fragments that show ``query``, best first. The query is split into its noun
         phrases (app.services.query); FAISS returns the top-``k`` fragments of each phrase's
-        pooled vector, cross attention scores every candidate against every phrase, and a
-        fragment's score is the mean over the phrases. ``filters`` keep artworks whose
-        metadata field equals a value."""
+        pooled vector, cross attention scores every candidate against every phrase, and
+        :func:`app.services.query.combine` makes one score of them (with one phrase: its
+        score). ``filters`` keep artworks whose metadata field equals a value."""
         from models.scan import pooled
 
         _check_page(k, limit, offset)
@@ -414,7 +414,7 @@ class Engine:
         with _timed(timings, "rerank"):
             images, image_lens = self.encode_region_sets([r.region_rows for r in found])
             per_phrase = self.model.similarity(images, image_lens, text, text_lens)  # (n, p)
-            scores = per_phrase.mean(dim=1).float().cpu()
+            scores = combine(per_phrase).float().cpu()
             order = sorted(range(len(found)), key=lambda i: (-float(scores[i]), found[i].id))
             page = order[offset: offset + limit]
             hits = self._fragment_hits(session, [found[i] for i in page],
