@@ -1,12 +1,14 @@
 """The one path from texts and region sets to SCAN's vectors: training, evaluation and the
-service all pad and encode through here, so a text or a fragment means the same everywhere.
+service all read and encode through here, so a text or a fragment means the same everywhere.
 
-Texts: :func:`words` (the shared tokenizer, cut to ``MAX_WORDS``), then vocabulary ids. **A
-text with no word token reads as one ``<unk>`` word**: every text gets a vector (the phrase
-index needs one per phrase), and evaluation ranks the same phrases the service does.
+Texts: :class:`Encoder` reads them with the model's :class:`models.text.TextReader` (the
+shared tokenizer cut to ``models.text.MAX_WORDS``, then word ids for a GRU model or cached
+frozen MiniLM word features for a MiniLM one, zero padded). **A text with no word token
+reads as one row** (the GRU's ``<unk>``, MiniLM's ``[CLS]``): every text gets a vector (the
+phrase index needs one per phrase), and evaluation ranks the same phrases the service does.
 
 Region sets: (r, D_raw) raw features, rows[0] the box's own; a batch is zero padded to its
-longest set, word ids to their longest text with ``<pad>``.
+longest set.
 """
 
 from __future__ import annotations
@@ -19,34 +21,11 @@ import torch
 from torch import Tensor
 
 from models.scan import SCAN, pooled
-from models.vocab import PAD_ID, UNK_ID, Vocabulary, tokenize
+from models.text import TextReader, pad_inputs
+from models.vocab import Vocabulary
 
 if TYPE_CHECKING:
     from index.featurestore import FeatureStore
-
-# Museum descriptions can run to hundreds of words; SCAN's cost grows with the word count,
-# so texts are cut here (titles, phrases and synthetic captions are far shorter).
-MAX_WORDS = 64
-
-
-def words(text: str) -> list[str]:
-    """The word tokens of ``text`` that SCAN reads: at most ``MAX_WORDS``."""
-    return tokenize(text)[:MAX_WORDS]
-
-
-def text_ids(vocab: Vocabulary, text: str) -> list[int]:
-    """Word ids of ``text``; one ``<unk>`` for a text with no word token (the module's rule)."""
-    return vocab.encode(words(text)) or [UNK_ID]
-
-
-def pad_ids(id_lists: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
-    """Padded word ids: ((n, w_max) int64 PAD_ID padded, (n,) int64 lens)."""
-    lens = torch.tensor([len(ids) for ids in id_lists], dtype=torch.int64)
-    padded = torch.full((len(id_lists), int(lens.max()) if len(id_lists) else 1), PAD_ID,
-                        dtype=torch.int64)
-    for i, ids in enumerate(id_lists):
-        padded[i, :len(ids)] = torch.tensor(ids, dtype=torch.int64)
-    return padded, lens
 
 
 def pad_region_sets(region_sets: Sequence[np.ndarray], dim: int) -> tuple[Tensor, Tensor]:
@@ -68,12 +47,13 @@ def stored_region_sets(store: FeatureStore, rows: Sequence[Sequence[int] | np.nd
 
 
 class Encoder:
-    """A SCAN model and its vocabulary: texts and region sets in, unit vectors out, on the
-    model's device, without gradients."""
+    """A SCAN model, its vocabulary and its text reader: texts and region sets in, unit
+    vectors out, on the model's device, without gradients."""
 
     def __init__(self, model: SCAN, vocab: Vocabulary) -> None:
         self.model = model
         self.vocab = vocab
+        self.reader = TextReader(model.config.text_encoder, vocab)
 
     @property
     def device(self) -> torch.device:
@@ -83,19 +63,29 @@ class Encoder:
     def dim(self) -> int:
         return self.model.config.embed_dim
 
-    def text_ids(self, text: str) -> list[int]:
-        return text_ids(self.vocab, text)
+    def tokens(self, text: str) -> list[str]:
+        """The words of ``text`` that the model reads."""
+        return self.reader.tokens(text)
+
+    def inputs(self, texts: Sequence[str]) -> list[Tensor]:
+        """What the model's text encoder reads of each text (see TextReader.inputs)."""
+        return self.reader.inputs([self.reader.tokens(text) for text in texts])
 
     @torch.inference_mode()
-    def ids(self, id_lists: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
-        """Word ids -> (n, w_max, d) unit word vectors (zero padded) and (n,) lens."""
-        ids, lens = pad_ids(id_lists)
+    def read(self, inputs: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """Per-text inputs (:meth:`inputs`) -> (n, w_max, d) unit word vectors (zero padded)
+        and (n,) lens."""
+        padded, lens = pad_inputs(inputs)
         lens = lens.to(self.device)
-        return self.model.encode_texts(ids.to(self.device), lens), lens
+        return self.model.encode_texts(padded.to(self.device), lens), lens
+
+    def words(self, token_lists: Sequence[Sequence[str]]) -> tuple[Tensor, Tensor]:
+        """Token lists (:meth:`tokens`) -> word vectors and lens, as above."""
+        return self.read(self.reader.inputs(token_lists))
 
     def texts(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """Texts -> (n, w_max, d) unit word vectors and (n,) lens."""
-        return self.ids([self.text_ids(text) for text in texts])
+        """Texts -> word vectors and lens, as above."""
+        return self.read(self.inputs(texts))
 
     @torch.inference_mode()
     def region_sets(self, raw: Tensor, lens: Tensor) -> tuple[Tensor, Tensor]:

@@ -2,7 +2,9 @@
 thesis "Image-text Alignment for Artworks". The whole model, top to bottom:
 
 1. ScanConfig     the hyperparameters; saved in the checkpoint, the model rebuilds from it
-2. encoders       regions: Linear(D_raw -> d) + L2 norm; words: Embedding -> GRU -> L2 norm
+2. encoders       regions: Linear(D_raw -> d) + L2 norm; words: Embedding -> GRU -> L2 norm,
+                  or MiniLMHead: frozen MiniLM word features (read by models/text.py) ->
+                  LayerNorm (+ a code per vocabulary word) -> Linear -> L2 norm
 3. attention      xattn_similarity: every region set against every word sequence, batched
 4. pooled         the first-stage vector (normalised mean) that FAISS searches
 5. loss           hinge triplet loss, hardest in-batch negatives, both directions
@@ -25,7 +27,14 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from models.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from models.vocab import PAD_ID, Vocabulary
+from models.text import (
+    MINILM_DIM,
+    MINILM_HEADS,
+    TEXT_ENCODERS,
+    WORD_DROPOUT,
+    minilm_weights_sha256,
+)
+from models.vocab import PAD_ID, UNK_ID, Vocabulary
 
 CHECKPOINT_KIND = "scan"
 DIRECTIONS = ("t2i", "i2t", "both")  # both: the mean of the t2i and i2t scores
@@ -71,12 +80,25 @@ class ScanConfig:
     pooled_weight: float = 1.0  # weight of the pooled (first-stage) loss in the total
     xattn_weight: float = 1.0  # weight of the cross-attention loss; 0 trains a vectors-only baseline
     chunk_size: int = 64  # images and texts per block when scoring all pairs
+    # "gru" (the thesis) or "minilm" (frozen all-MiniLM-L6-v2 + a trained projection, see
+    # models/text.py); minilm_sha256 names the MiniLM weights a minilm model was trained on
+    text_encoder: str = "gru"
+    minilm_sha256: str | None = None
+    # minilm: "linear" (a projection of MiniLM's features) or "words" (plus a trained code per
+    # vocabulary word, see MiniLMHead)
+    minilm_head: str = "words"
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
             raise ValueError(f"ScanConfig.direction must be one of {DIRECTIONS}, got {self.direction!r}")
         if self.agg not in AGGREGATIONS:
             raise ValueError(f"ScanConfig.agg must be one of {AGGREGATIONS}, got {self.agg!r}")
+        if self.text_encoder not in TEXT_ENCODERS:
+            raise ValueError(f"ScanConfig.text_encoder must be one of {TEXT_ENCODERS}, got "
+                             f"{self.text_encoder!r}")
+        if self.minilm_head not in MINILM_HEADS:
+            raise ValueError(f"ScanConfig.minilm_head must be one of {MINILM_HEADS}, got "
+                             f"{self.minilm_head!r}")
         if self.lambda_softmax is None:
             self.lambda_softmax = default_lambda_softmax(self.direction)
         if self.xattn_weight < 0 or self.pooled_weight < 0 or self.xattn_weight + self.pooled_weight == 0:
@@ -154,6 +176,41 @@ class TextEncoder(nn.Module):
             out = (out[..., : self.embed_dim] + out[..., self.embed_dim :]) / 2  # (n, w, d)
         out = F.normalize(out, dim=-1, eps=EPS)  # (n, w, d), unit rows
         return out * lengths_mask(lens, w)[..., None]
+
+
+class MiniLMHead(nn.Module):
+    """Frozen MiniLM word features -> the joint space: layer-normalised (MiniLM's token
+    outputs share a few large dimensions), projected, L2 normalised.
+
+    Head "words" adds, before the projection, a trained code per word of the collection's
+    vocabulary, randomly initialised like the GRU's word embeddings: rare catalogue words
+    (dates, names: "1427", "Amenemope") look alike to MiniLM, and the code tells them apart.
+    A word outside the vocabulary has no code and is read through MiniLM alone; so that this
+    path stays good on its own, each word's code is dropped with probability
+    ``WORD_DROPOUT`` in training. The head's weights are all a checkpoint stores of the text
+    side; MiniLM's stay in the package."""
+
+    def __init__(self, config: ScanConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(MINILM_DIM)
+        self.words = (nn.Embedding(config.vocab_size, MINILM_DIM)
+                      if config.minilm_head == "words" else None)
+        self.fc = nn.Linear(MINILM_DIM, config.embed_dim)
+        bound = math.sqrt(6.0) / math.sqrt(MINILM_DIM + config.embed_dim)  # Xavier, as for regions
+        nn.init.uniform_(self.fc.weight, -bound, bound)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, inputs: Tensor, lens: Tensor) -> Tensor:
+        # inputs: (n, w, 1 + 384) float, zero padded: each word's vocabulary id, then its
+        # MiniLM features (TextReader); lens: (n,)
+        ids, x = inputs[..., 0].long(), self.norm(inputs[..., 1:])  # (n, w), (n, w, 384)
+        if self.words is not None:
+            known = ids > UNK_ID  # padding and unknown words have no code
+            if self.training:
+                known &= torch.rand(ids.shape, device=ids.device) >= WORD_DROPOUT
+            x = x + self.words(ids) * known[..., None]
+        out = F.normalize(self.fc(x), dim=-1, eps=EPS)  # (n, w, d), unit rows
+        return out * lengths_mask(lens, inputs.shape[1])[..., None]
 
 
 # ---------------------------------------------------------------------------------------
@@ -387,14 +444,15 @@ class SCAN(nn.Module):
         super().__init__()
         self.config = config
         self.image_encoder = ImageEncoder(config)
-        self.text_encoder = TextEncoder(config)
+        self.text_encoder = TextEncoder(config) if config.text_encoder == "gru" else MiniLMHead(config)
 
     def encode_images(self, raw: Tensor, lens: Tensor) -> Tensor:
         """(n, r, D_raw) raw region features -> (n, r, d) unit rows, zero padded."""
         return self.image_encoder(raw, lens)
 
     def encode_texts(self, ids: Tensor, lens: Tensor) -> Tensor:
-        """(n, w) word ids -> (n, w, d) unit rows, zero padded."""
+        """(n, w) word ids, or (n, w, 1 + 384) word ids and MiniLM word features (see
+        models.text.TextReader) -> (n, w, d) unit rows, zero padded."""
         return self.text_encoder(ids, lens)
 
     def similarity(self, images: Tensor, image_lens: Tensor, texts: Tensor, text_lens: Tensor) -> Tensor:
@@ -437,6 +495,12 @@ def load_scan(path: str | Path, device: str | torch.device = "cpu") -> tuple[SCA
     if len(vocab) != config.vocab_size:
         raise CheckpointError(
             f"{path}: vocabulary has {len(vocab)} tokens but the config says {config.vocab_size}"
+        )
+    if config.text_encoder == "minilm" and config.minilm_sha256 != minilm_weights_sha256():
+        raise CheckpointError(
+            f"{path}: trained on MiniLM weights {str(config.minilm_sha256)[:12]}, but the "
+            f"installed ones are {minilm_weights_sha256()[:12]}; install the package version "
+            "it was trained with, or retrain"
         )
     model = SCAN(config)
     try:

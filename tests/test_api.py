@@ -135,6 +135,14 @@ def test_ingest_search_replace_delete(client: TestClient) -> None:
     assert thumbnail.status_code == 200 and thumbnail.headers["content-type"] == "image/jpeg"
     assert hits == sorted(hits, key=lambda h: -h["score"])
 
+    # A query naming two things: each phrase scored, the words the GRU cannot read named.
+    answer = client.get("/search", params={"q": "two gold birds beside a zebra"}).json()
+    assert answer["phrases"] == ["two gold birds", "zebra"] and not answer["whole_query"]
+    assert answer["unknown_words"] == ["beside", "zebra"]
+    assert [w["word"] for w in answer["items"][0]["attention"]] == ["two", "gold", "birds", "zebra"]
+    answer = client.get("/search", params={"q": "very old"}).json()  # no noun phrase: searched whole
+    assert answer["whole_query"] and answer["phrases"] == ["very old"] and answer["items"]
+
     # Replace: a new image and caption. The artwork keeps its id, its fragments are new.
     replaced = client.put("/artworks/external/vase-1", headers=WRITE, **artwork_form(
         "vase-1", seed=2, captions=["A red dragon among clouds."]))
@@ -454,3 +462,30 @@ def test_demo_model_finds_the_fragment_a_phrase_names(demo_client: TestClient, s
         )
     assert hits / len(truth) >= 0.9, \
         f"a top-5 fragment overlaps a box of the phrase for {hits}/{len(truth)} phrases"
+
+
+SYNONYMS = {"gold": "golden", "red": "crimson", "blue": "azure", "green": "emerald", "black": "ebony",
+            "white": "ivory", "purple": "violet", "turquoise": "teal", "pink": "rose", "brown": "chocolate"}
+
+
+def test_demo_model_reads_a_visitors_own_words(demo_client: TestClient, synthetic: list) -> None:
+    """"golden birds" for "two gold birds": the MiniLM demo model reads words its collection
+    never used, and says it has no unknown words."""
+    from index.fragments import iou
+
+    ids = {a["external_id"]: a["id"] for a in
+           demo_client.get("/artworks", params={"q": "synth-test-", "limit": 100}).json()["items"]}
+    truth: dict[tuple[str, str], list[tuple[int, tuple]]] = {}  # (colour, motif) -> boxes
+    for index, art in enumerate(synthetic):
+        for group in art.groups:
+            truth.setdefault((group.colour, group.motif.name), []).append(
+                (ids[f"synth-test-{index}"], group.box))
+    hits = 0
+    for (colour, motif), boxes in truth.items():
+        plural = next(m.plural for art in synthetic for g in art.groups for m in [g.motif] if m.name == motif)
+        answer = demo_client.get("/search", params={"q": f"{SYNONYMS[colour]} {plural}", "limit": 5}).json()
+        assert answer["unknown_words"] == []
+        hits += any(hit["artwork_id"] == artwork_id
+                    and iou(np.array([hit["box"]]), np.array([box]))[0, 0] >= 0.5
+                    for hit in answer["items"] for artwork_id, box in boxes)
+    assert hits / len(truth) >= 0.7, f"a top-5 fragment shows the thing for {hits}/{len(truth)} synonyms"

@@ -334,6 +334,20 @@ def test_search_draws_boxes_and_attention(page, service: Service) -> None:
     screenshot(page, "search-phone")
 
 
+def test_search_says_what_it_searched_for(page, service: Service) -> None:
+    query = "two gold birds and a zebra"
+    answer = service.get_json(f"/search?{urllib.parse.urlencode({'q': query, 'limit': 12})}")
+    page.goto(f"/#/search?{urllib.parse.urlencode({'q': query})}")
+    understood = page.locator("#search-understood")
+    understood.wait_for()
+    text = understood.inner_text()
+    assert answer["phrases"] == ["two gold birds", "zebra"]
+    assert "“two gold birds” and “zebra”" in text
+    # the words the model could not use (a vocabulary model's; none for MiniLM)
+    assert ("Not understood" in text) == bool(answer["unknown_words"])
+    assert all(word in text for word in answer["unknown_words"])
+
+
 def test_search_error_shows_the_problem_detail(page, service: Service) -> None:
     query = " ".join(["gold"] * 100)  # longer than the service accepts
     try:

@@ -20,6 +20,7 @@ import torch
 from app.cli import main
 from collection.layout import Annotation, Artwork, Collection, CollectionWriter
 from index.featurestore import FeatureStore, RegionRecord
+from models.text import TextReader
 from training import data as training_data
 from training import evaluate as evaluation
 from training.train import TrainOptions, train
@@ -89,6 +90,11 @@ def tiny(tmp_path_factory):
     return root
 
 
+def gru_reader(collection: Collection) -> TextReader:
+    """The text reader of a GRU model over the collection's words (what the data reads)."""
+    return TextReader("gru", collection.word_vocab)
+
+
 def options(tiny, out, **overrides) -> TrainOptions:
     values = dict(collection=str(tiny), out=str(out), grain="fine", embed_dim=32, word_dim=16,
                   epochs=6, lr=2e-3, lr_update=5, batch_size=12, seed=0)
@@ -99,7 +105,7 @@ def options(tiny, out, **overrides) -> TrainOptions:
 def test_fine_pairs_are_annotation_fragments_and_their_phrases(tiny):
     collection = Collection.load(tiny)
     store = training_data.open_store(tiny)
-    data = training_data.alignment_data(collection, store, collection.word_vocab,
+    data = training_data.alignment_data(collection, store, gru_reader(collection),
                                         grain="fine", split="train")
     assert len(data.pairs) == 48  # 24 artworks x 2 annotations
     assert set(data.fragment_sources) == {"annotation"}
@@ -116,7 +122,7 @@ def test_fine_pairs_are_annotation_fragments_and_their_phrases(tiny):
 def test_weak_supervision_pairs_whole_image_with_its_phrase_sequence(tiny):
     collection = Collection.load(tiny)
     data = training_data.alignment_data(collection, training_data.open_store(tiny),
-                                        collection.word_vocab, grain="fine", split="val",
+                                        gru_reader(collection), grain="fine", split="val",
                                         supervision="weak")
     assert set(data.fragment_sources) == {"whole"}
     first = collection.split("val")[0]
@@ -127,7 +133,7 @@ def test_weak_supervision_pairs_whole_image_with_its_phrase_sequence(tiny):
 def test_ignore_mask_marks_same_artwork_and_same_text(tiny):
     collection = Collection.load(tiny)
     data = training_data.alignment_data(collection, training_data.open_store(tiny),
-                                        collection.word_vocab, grain="fine", split="train")
+                                        gru_reader(collection), grain="fine", split="train")
     batch = training_data.batch_of(data, np.arange(len(data.pairs)))
     artworks = data.fragment_artworks[data.pairs[:, 0]]
     texts = data.pairs[:, 1]
@@ -143,9 +149,9 @@ def test_ignore_mask_marks_same_artwork_and_same_text(tiny):
 def test_negative_fragments_are_the_artworks_other_fragments_but_never_a_hit(tiny):
     collection = Collection.load(tiny)
     store = training_data.open_store(tiny)
-    data = training_data.alignment_data(collection, store, collection.word_vocab,
+    data = training_data.alignment_data(collection, store, gru_reader(collection),
                                         grain="fine", split="train")
-    negatives = training_data.negative_fragments(collection, store, collection.word_vocab,
+    negatives = training_data.negative_fragments(collection, store, gru_reader(collection),
                                                  split="train", per_artwork=7)
     batch = training_data.batch_of(data, np.array([0, 1]), negatives,  # one artwork's 2 boxes
                                    np.random.default_rng(0))
@@ -167,10 +173,10 @@ def test_missing_annotation_rows_are_named(tmp_path, tiny):
     store.append(artwork.id, RegionRecord(record.boxes[keep], record.scores[keep],
                                           np.asarray(record.features[keep]), record.kinds[keep]))
     with pytest.raises(ValueError, match=f"{artwork.id}.*annotation 0.*kind 2"):
-        training_data.alignment_data(collection, store, collection.word_vocab, grain="fine",
+        training_data.alignment_data(collection, store, gru_reader(collection), grain="fine",
                                      split="train")
     with pytest.raises(ValueError, match="no record in the feature store"):
-        training_data.alignment_data(collection, store, collection.word_vocab, grain="coarse",
+        training_data.alignment_data(collection, store, gru_reader(collection), grain="coarse",
                                      split="val")
 
 

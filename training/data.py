@@ -13,7 +13,8 @@ means the same thing here as in the index), distinct text-side strings, and the 
 
 Texts are deduplicated, so two artworks sharing a caption or a phrase share one text index;
 that is what lets a batch tell "same text" from "different text" for its ignore mask. Texts
-become word ids, and batches are padded, by :mod:`models.encoder`, as in the service.
+are read once, when the data is built, by the model's :class:`models.text.TextReader` (the
+one the service's :class:`models.encoder.Encoder` uses), and batches are padded by it.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from index.fragments import (
     fragments_of,
     iou,
 )
-from models.encoder import pad_ids, stored_region_sets, text_ids, words
-from models.vocab import Vocabulary
+from models.encoder import stored_region_sets
+from models.text import TextReader, pad_inputs
 from training.metrics import iou_relevance
 
 if TYPE_CHECKING:
@@ -63,7 +64,9 @@ class AlignmentData:
     fragment_sources: list[str]  # "whole" | "extracted" | "annotation"
     fragment_rows: list[np.ndarray]  # global feature-store rows; rows[0] is the box's own
     texts: list[str]  # distinct captions, phrases or phrase sequences
-    text_ids: list[list[int]]  # word ids of each text (models.encoder.text_ids)
+    # what the model's text encoder reads of each text (models.text.TextReader.inputs): word
+    # ids (gru), or ids and MiniLM word features (minilm), read once here, not per batch
+    text_inputs: list[torch.Tensor]
     pairs: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
     # (n_pair, 2) int64 [fragment, text]: the positives
 
@@ -80,7 +83,9 @@ class Batch:
 
     regions: torch.Tensor  # (b, r_max, D_raw) float32, zero padded
     region_lens: torch.Tensor  # (b,) int64
-    word_ids: torch.Tensor  # (b, w_max) int64, PAD_ID padded
+    # what the text encoder reads (TextReader): (b, w_max) int64 word ids, PAD_ID padded, or
+    # (b, w_max, 1 + 384) float32 ids and MiniLM features, zero padded
+    word_ids: torch.Tensor
     word_lens: torch.Tensor  # (b,) int64
     ignore: torch.Tensor  # (b, b) bool: True off the diagonal where a pair is not a negative
     # Negative fragments (fine grain with boxes, see NegativeFragments); None when not used.
@@ -112,15 +117,14 @@ def resolve_supervision(artworks: list[Artwork], supervision: str) -> str:
 class _Builder:
     """Accumulates fragments, distinct texts and pairs for one split."""
 
-    def __init__(self, store: FeatureStore, vocab: Vocabulary):
-        self.store, self.vocab = store, vocab
+    def __init__(self, store: FeatureStore, reader: TextReader):
+        self.store, self.reader = store, reader
         self.artwork_ids: list[str] = []
         self.fragment_artworks: list[int] = []
         self.fragment_boxes: list[np.ndarray] = []
         self.fragment_sources: list[str] = []
         self.fragment_rows: list[np.ndarray] = []
         self.texts: list[str] = []
-        self.text_ids: list[list[int]] = []
         self.text_index: dict[str, int] = {}
         self.pairs: list[tuple[int, int]] = []
         self.wordless_texts = 0
@@ -150,10 +154,9 @@ class _Builder:
         """The text's index, adding it once."""
         if text in self.text_index:
             return self.text_index[text]
-        self.wordless_texts += not words(text)
+        self.wordless_texts += not self.reader.tokens(text)
         self.text_index[text] = len(self.texts)
         self.texts.append(text)
-        self.text_ids.append(text_ids(self.vocab, text))
         return self.text_index[text]
 
     def pair(self, fragment: int, text: str) -> None:
@@ -161,8 +164,8 @@ class _Builder:
 
     def build(self) -> AlignmentData:
         if self.wordless_texts:
-            log.warning("%d texts have no word token; each reads as one <unk> word",
-                        self.wordless_texts)
+            log.warning("%d texts have no word token; each reads as one row (the GRU's <unk>, "
+                        "MiniLM's [CLS])", self.wordless_texts)
         return AlignmentData(
             store=self.store,
             artwork_ids=self.artwork_ids,
@@ -171,7 +174,7 @@ class _Builder:
             fragment_sources=self.fragment_sources,
             fragment_rows=self.fragment_rows,
             texts=self.texts,
-            text_ids=self.text_ids,
+            text_inputs=self.reader.inputs([self.reader.tokens(t) for t in self.texts]),
             pairs=np.asarray(self.pairs, dtype=np.int64).reshape(-1, 2),
         )
 
@@ -195,7 +198,7 @@ def annotation_fragments(artwork: Artwork, specs: list[FragmentSpec]
     return matched
 
 
-def alignment_data(collection: Collection, store: FeatureStore, vocab: Vocabulary, *, grain: str,
+def alignment_data(collection: Collection, store: FeatureStore, reader: TextReader, *, grain: str,
                    split: str, supervision: str = "auto") -> AlignmentData:
     """The training/validation pairs of ``split`` at ``grain`` (see the module docstring)."""
     if grain not in GRAINS:
@@ -204,7 +207,7 @@ def alignment_data(collection: Collection, store: FeatureStore, vocab: Vocabular
     if not artworks:
         raise ValueError(f"{collection.root}: the collection has no artworks in split {split!r}")
     mode = "captions" if grain == "coarse" else resolve_supervision(artworks, supervision)
-    builder = _Builder(store, vocab)
+    builder = _Builder(store, reader)
     for artwork in artworks:
         number, start, specs = builder.artwork(artwork.id)
         whole = [spec for spec in specs if spec.source == "whole"]
@@ -230,13 +233,13 @@ def alignment_data(collection: Collection, store: FeatureStore, vocab: Vocabular
     return data
 
 
-def split_fragments(collection: Collection, store: FeatureStore, vocab: Vocabulary, *, split: str,
+def split_fragments(collection: Collection, store: FeatureStore, reader: TextReader, *, split: str,
                     texts: list[str], sources: tuple[str, ...] = ("whole", "extracted")
                     ) -> AlignmentData:
     """Every fragment of ``split`` whose source is in ``sources``, and the given texts, with no
     pairs: the candidate set of phrase -> fragment evaluation. Annotation boxes are left out
     by default, since retrieving the ground-truth box itself would measure nothing."""
-    builder = _Builder(store, vocab)
+    builder = _Builder(store, reader)
     for artwork in collection.split(split):
         number, start, specs = builder.artwork(artwork.id)
         for spec in specs:
@@ -245,6 +248,11 @@ def split_fragments(collection: Collection, store: FeatureStore, vocab: Vocabula
     for text in texts:
         builder.text(text)
     return builder.build()
+
+
+def text_batch(data: AlignmentData, numbers) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's padded text input for texts ``numbers`` of ``data``, and their (n,) lens."""
+    return pad_inputs([data.text_inputs[t] for t in numbers])
 
 
 @dataclass
@@ -263,9 +271,9 @@ class NegativeFragments:
     per_artwork: int  # drawn per artwork of a batch: its whole image, then per_artwork - 1 others
 
 
-def negative_fragments(collection: Collection, store: FeatureStore, vocab: Vocabulary, *, split: str,
+def negative_fragments(collection: Collection, store: FeatureStore, reader: TextReader, *, split: str,
                        per_artwork: int) -> NegativeFragments:
-    candidates = split_fragments(collection, store, vocab, split=split, texts=[])
+    candidates = split_fragments(collection, store, reader, split=split, texts=[])
     by_artwork: list[list[int]] = [[] for _ in candidates.artwork_ids]
     for number, artwork in enumerate(candidates.fragment_artworks):
         # fragments_of lists the whole image (record row 0) first
@@ -304,7 +312,7 @@ def batch_of(data: AlignmentData, pair_numbers: np.ndarray,
     batch also carries negative fragments drawn for its artworks (see NegativeFragments)."""
     fragments, texts = data.pairs[pair_numbers, 0], data.pairs[pair_numbers, 1]
     regions, region_lens = stored_region_sets(data.store, [data.fragment_rows[f] for f in fragments])
-    word_ids, word_lens = pad_ids([data.text_ids[t] for t in texts])
+    word_ids, word_lens = text_batch(data, texts)
     artworks = torch.from_numpy(data.fragment_artworks[fragments])
     texts_t = torch.from_numpy(texts)
     ignore = (artworks[:, None] == artworks[None, :]) | (texts_t[:, None] == texts_t[None, :])

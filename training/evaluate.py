@@ -66,7 +66,7 @@ def score(encoder: Encoder, data: AlignmentData, *, chunk: int = 256, progress: 
     """
     model = encoder.model
     model.eval()
-    texts, word_lens = encoder.ids(data.text_ids)  # (n_txt, w, d)
+    texts, word_lens = encoder.read(data.text_inputs)  # (n_txt, w, d)
     text_pooled = pooled(texts, word_lens)  # (n_txt, d)
     n = len(data.fragment_rows)
     scan = torch.empty(n, len(data.texts))
@@ -120,7 +120,7 @@ def task(scores: Scores, relevant: np.ndarray, *, queries_are_rows: bool, k: int
 
 def evaluate_coarse(encoder: Encoder, collection: Collection, store: FeatureStore, *,
                     split: str, k: int) -> dict:
-    data = alignment_data(collection, store, encoder.vocab, grain="coarse", split=split)
+    data = alignment_data(collection, store, encoder.reader, grain="coarse", split=split)
     scores = score(encoder, data)
     relevant = data.relevance()  # (n_artwork, n_caption)
     annotation = task(scores, relevant, queries_are_rows=True, k=k)
@@ -131,6 +131,16 @@ def evaluate_coarse(encoder: Encoder, collection: Collection, store: FeatureStor
         "rsum": {name: metrics.rsum(annotation[name], retrieval[name]) for name in SCORERS},
         "counts": {"images": len(data.fragment_rows), "captions": len(data.texts)},
     }
+
+
+def phrase_boxes(artworks: list) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """phrase -> (its annotated boxes (g, 4), their artworks' numbers in ``artworks`` (g,))."""
+    boxes: dict[str, list] = {}
+    for number, artwork in enumerate(artworks):
+        for annotation in artwork.annotations:
+            boxes.setdefault(annotation.phrase, []).append((annotation.box, number))
+    return {p: (np.asarray([b for b, _ in v], dtype=np.float64),
+                np.asarray([n for _, n in v], dtype=np.int64)) for p, v in boxes.items()}
 
 
 def phrase_relevance(fragments: AlignmentData, phrases: list[str], boxes_of: dict) -> np.ndarray:
@@ -152,17 +162,12 @@ def evaluate_fine(encoder: Encoder, collection: Collection, store: FeatureStore,
         raise ValueError(f"{collection.root}: split {split!r} has no annotated artworks; fine-"
                          "grained evaluation needs ground-truth boxes (try --grain coarse)")
     number_of = {a.id: i for i, a in enumerate(artworks)}
-    boxes: dict[str, list] = {}
-    for artwork in annotated:
-        for annotation in artwork.annotations:
-            boxes.setdefault(annotation.phrase, []).append((annotation.box, number_of[artwork.id]))
-    boxes_of = {p: (np.asarray([b for b, _ in v], dtype=np.float64),
-                    np.asarray([n for _, n in v], dtype=np.int64)) for p, v in boxes.items()}
-    all_phrases = list(dict.fromkeys([p for a in artworks for p in a.phrases] + list(boxes)))
+    boxes_of = phrase_boxes(artworks)
+    all_phrases = list(dict.fromkeys([p for a in artworks for p in a.phrases] + list(boxes_of)))
 
     # crop -> phrase: annotation fragments against every phrase of the split. alignment_data
     # and split_fragments number artworks in split order, as number_of does.
-    crops = _with_texts(alignment_data(collection, store, encoder.vocab, grain="fine",
+    crops = _with_texts(alignment_data(collection, store, encoder.reader, grain="fine",
                                        split=split, supervision="boxes"), all_phrases, encoder)
     crop_scores = score(encoder, crops)
     crop_relevant = phrase_relevance(crops, crops.texts, boxes_of)
@@ -173,7 +178,7 @@ def evaluate_fine(encoder: Encoder, collection: Collection, store: FeatureStore,
     queries = list(dict.fromkeys((number_of[a.id], n.phrase) for a in annotated
                                  for n in a.annotations))
     query_phrases = list(dict.fromkeys(phrase for _, phrase in queries))
-    candidates = split_fragments(collection, store, encoder.vocab, split=split,
+    candidates = split_fragments(collection, store, encoder.reader, split=split,
                                  texts=query_phrases)
     column_of = {text: i for i, text in enumerate(candidates.texts)}
     queries = [(number, phrase) for number, phrase in queries if phrase in column_of]
@@ -198,7 +203,7 @@ def evaluate_fine(encoder: Encoder, collection: Collection, store: FeatureStore,
 def _with_texts(data: AlignmentData, texts: list[str], encoder: Encoder) -> AlignmentData:
     """``data`` with its texts replaced by ``texts`` (pairs dropped: relevance is by IoU)."""
     data.texts = list(texts)
-    data.text_ids = [encoder.text_ids(text) for text in texts]
+    data.text_inputs = encoder.inputs(data.texts)
     data.pairs = np.zeros((0, 2), dtype=np.int64)
     return data
 

@@ -37,6 +37,7 @@ from index.atomic import write_atomic
 from index.featurestore import FeatureStore
 from models.encoder import Encoder
 from models.scan import SCAN, ScanConfig, ScanLosses, contrastive_loss, pooled
+from models.text import TextReader, minilm_weights_sha256
 from training import metrics
 from training.data import (
     GRAINS,
@@ -78,6 +79,8 @@ class TrainOptions:
     warmup_epochs: int = 0
     embed_dim: int = 1024
     word_dim: int = 300
+    text_encoder: str = "gru"  # "gru" or "minilm" (frozen, its outputs cached per text)
+    minilm_head: str = "words"  # minilm: "words" (projection + vocabulary codes) or "linear"
     pooled_weight: float = 1.0
     xattn_weight: float = 1.0  # 0: a vectors-only baseline, selected by its pooled rsum
     # fine grain with boxes: negative fragments per artwork of a batch (its whole image and
@@ -150,8 +153,10 @@ def train(options: TrainOptions) -> TrainResult:
     collection = Collection.load(options.collection)
     store = open_store(collection.root, Path(options.features) if options.features else None)
     vocab = collection.word_vocab
-    supervision, train_data, val_data, negatives = _training_data(options, collection, store)
     config = _scan_config(options, len(vocab), store.dim)
+    reader = TextReader(config.text_encoder, vocab)  # as models.encoder.Encoder reads text
+    supervision, train_data, val_data, negatives = _training_data(options, collection, store,
+                                                                  reader)
     device = torch.device(options.device)
     model = SCAN(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=options.lr)
@@ -199,18 +204,22 @@ def train(options: TrainOptions) -> TrainResult:
     return TrainResult(paths["checkpoint"], best["version"], best["epoch"], best["rsum"], history)
 
 
-def _training_data(options: TrainOptions, collection: Collection, store: FeatureStore
+def _training_data(options: TrainOptions, collection: Collection, store: FeatureStore,
+                   reader: TextReader
                    ) -> tuple[str, AlignmentData, AlignmentData, NegativeFragments | None]:
-    """The supervision used, the training and validation pairs, and the extra negatives."""
-    vocab = collection.word_vocab
+    """The supervision used, the training and validation pairs (their texts read by
+    ``reader`` once, here), and the extra negatives."""
+    started = time.perf_counter()
     supervision = ("captions" if options.grain == "coarse"
                    else resolve_supervision(collection.split("train"), options.supervision))
     mode = supervision if supervision != "captions" else "auto"
-    train_data = alignment_data(collection, store, vocab, grain=options.grain, split="train",
+    train_data = alignment_data(collection, store, reader, grain=options.grain, split="train",
                                 supervision=mode)
-    val_data = alignment_data(collection, store, vocab, grain=options.grain,
+    val_data = alignment_data(collection, store, reader, grain=options.grain,
                               split=options.val_split, supervision=mode)
-    negatives = (negative_fragments(collection, store, vocab, split="train",
+    log.info("read %d + %d texts with the %s text encoder in %.1fs", len(train_data.texts),
+             len(val_data.texts), reader.encoder, time.perf_counter() - started)
+    negatives = (negative_fragments(collection, store, reader, split="train",
                                     per_artwork=options.negatives)
                  if supervision == "boxes" and options.negatives > 0 else None)
     return supervision, train_data, val_data, negatives
@@ -224,6 +233,8 @@ def _scan_config(options: TrainOptions, vocab_size: int, raw_dim: int) -> ScanCo
         lambda_lse=options.lambda_lse, margin=options.margin,
         max_violation=options.max_violation, grad_clip=options.grad_clip,
         pooled_weight=options.pooled_weight, xattn_weight=options.xattn_weight,
+        text_encoder=options.text_encoder, minilm_head=options.minilm_head,
+        minilm_sha256=minilm_weights_sha256() if options.text_encoder == "minilm" else None,
     )
 
 

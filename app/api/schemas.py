@@ -180,6 +180,13 @@ class SearchHit(BaseModel):
 
 class SearchPage(BaseModel):
     query: str
+    phrases: list[str] = Field(
+        description="the noun phrases of the query that were scored (or the whole query)")
+    whole_query: bool = Field(
+        description="true when the query named no noun phrase and was searched as one text")
+    unknown_words: list[str] = Field(
+        description="query words the model cannot use (outside its vocabulary); always empty "
+                    "for the pretrained MiniLM text encoder")
     items: list[SearchHit]
     limit: int
     offset: int

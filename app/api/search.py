@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Query
 
@@ -12,6 +12,12 @@ from app.api.schemas import SearchHit, SearchPage
 from app.runtime import Runtime
 from app.services.hits import FragmentHit
 
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from app.services.query import ParsedQuery
+    from app.services.retrieval import Engine
+
 router = APIRouter(tags=["retrieval"])
 
 
@@ -20,11 +26,19 @@ router = APIRouter(tags=["retrieval"])
     response_model=SearchPage,
     summary="Image fragments that show a phrase",
     description=(
-        "Two stages: FAISS proposes the K fragments whose pooled vectors are nearest to the "
-        "query's, stacked cross attention reranks them. Each hit carries, for every query "
-        "word, the fragment's regions it attended to. A page past the first K hits fetches and "
-        "reranks K more candidates at a time, so every page of one block of K comes from the "
-        "same candidates."
+        "The query is split into the noun phrases it names (\"blue fish on a red cup\" -> "
+        "\"blue fish\", \"red cup\"; `phrases` in the answer); a query that names none is "
+        "searched whole. Two stages: FAISS proposes, for each phrase, the K fragments whose "
+        "pooled vectors are nearest to the phrase's, stacked cross attention scores every "
+        "proposed fragment against every phrase, and a fragment's score is the mean of its "
+        "best phrase score and its mean phrase score: the named thing it shows best counts "
+        "most, and among fragments showing one thing those that also show the others rank "
+        "first (one phrase: its score). Each hit "
+        "carries, for every phrase word, the fragment's regions it attended to. "
+        "`unknown_words` lists the query words the model cannot use (outside a vocabulary "
+        "model's words; none for the pretrained MiniLM text encoder). A page past the first K "
+        "hits fetches and reranks K more candidates at a time, so every page of one block of "
+        "K comes from the same candidates."
     ),
     responses={
         422: {"description": "empty, wordless or over-long query"},
@@ -50,12 +64,21 @@ async def search(
     filters = {name: value for name, value in
                (("source", source), ("classification", classification)) if value is not None}
     timings: dict[str, float] = {}
-    hits = await runtime.pool.run(
-        runtime.engine.search_text, session, q, k=candidates, limit=limit, offset=offset,
+    parsed, hits = await runtime.pool.run(
+        _search, runtime.engine, session, q, k=candidates, limit=limit, offset=offset,
         filters=filters or None, timings=timings,
     )
     runtime.metrics.observe_stages(timings)
-    return SearchPage(query=q, items=[_hit(runtime, hit) for hit in hits], limit=limit, offset=offset)
+    return SearchPage(query=q, phrases=parsed.phrases, whole_query=parsed.whole,
+                      unknown_words=parsed.unknown_words,
+                      items=[_hit(runtime, hit) for hit in hits], limit=limit, offset=offset)
+
+
+def _search(engine: Engine, session: Session, q: str, **options: Any
+            ) -> tuple[ParsedQuery, list[FragmentHit]]:
+    """The query's phrases and its hits, in one trip to the inference pool."""
+    parsed = engine.parse_query(q)
+    return parsed, engine.search_text(session, parsed, **options)
 
 
 def _hit(runtime: Runtime, hit: FragmentHit) -> SearchHit:

@@ -21,6 +21,8 @@ BENCHMARKS = [
      "region-extraction throughput per detector backbone, on the same images"),
     ("ray-extract", "bench.ray_extract",
      "region extraction: the local path vs the Ray path, plus the per-image sizes for scaling"),
+    ("text", "bench.text",
+     "the text side, GRU vs MiniLM: query encoding p50/p95, phrase index build, training step"),
     ("http", "bench.http",
      "HTTP latency (p50/p95) of GET /search and POST /annotate on a running service"),
 ]

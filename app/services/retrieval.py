@@ -2,8 +2,9 @@
 indexes, the feature store, the region extractor), and the two queries, text -> fragments
 and image -> phrases.
 
-Two stages: the pooled vector of the query (the normalised mean of its word or region
-vectors) finds the top-K candidates in FAISS; full stacked cross attention
+A typed query is first split into the noun phrases it names (:mod:`app.services.query`).
+Two stages: the pooled vector of each phrase or of the region set (the normalised mean of its
+word or region vectors) finds the top-K candidates in FAISS; full stacked cross attention
 (:func:`models.scan.xattn_similarity`, through ``SCAN.similarity``) rescores those K, and
 the best ``limit`` come back with their metadata (:mod:`app.services.hits`). With K at least
 the number of indexed items the result is exactly the exhaustive cross-attention ranking
@@ -27,12 +28,13 @@ from sqlalchemy.orm import Session
 
 from app.db.models import Artwork, ArtworkPhrase, Fragment, Phrase, Region
 from app.services.artwork_regions import box_member_rows
-from app.services.hits import ArtworkRef, AttendedRegion, FragmentHit, PhraseHit, WordAttention
+from app.services.hits import ArtworkRef, FragmentHit, PhraseHit, word_attention
 from app.services.indexes import Indexes, end_read
+from app.services.query import ParsedQuery, combine, parse_query
 from app.services.uploads import decode_upload
 from index.featurestore import FeatureStore
 from index.fragments import GIVEN
-from models.encoder import Encoder, pooled_numpy, words
+from models.encoder import Encoder, pooled_numpy
 
 if TYPE_CHECKING:
     from models.regions import RegionExtractor
@@ -83,21 +85,25 @@ class Engine:
 
     # -- text -> fragments ----------------------------------------------------------------
 
-    def search_text(
-        self, session: Session, query: str, *, k: int = 100, limit: int = 10, offset: int = 0,
-        filters: Mapping[str, str] | None = None, timings: dict[str, float] | None = None,
-    ) -> list[FragmentHit]:
-        """Fragments that show ``query``, best first: FAISS top-``k`` by pooled vectors, then
-        cross-attention rerank; ``filters`` keep artworks whose metadata field equals a value."""
-        from collection.phrases import normalise_phrase
+    def parse_query(self, query: str) -> ParsedQuery:
+        """The phrases of a typed query that :meth:`search_text` scores, read as the model
+        reads text; a ValueError for a query with no words."""
+        return parse_query(query, self.encoder.reader)
 
+    def search_text(
+        self, session: Session, query: str | ParsedQuery, *, k: int = 100, limit: int = 10,
+        offset: int = 0, filters: Mapping[str, str] | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> list[FragmentHit]:
+        """Fragments that show ``query``, best first. The query is split into its noun
+        phrases (:meth:`parse_query`); FAISS returns the top-``k`` fragments of each phrase's
+        pooled vector, cross attention scores every candidate against every phrase, and
+        :func:`app.services.query.combine` makes one score of them (with one phrase: its
+        score). ``filters`` keep artworks whose metadata field equals a value."""
         _check_page(k, limit, offset)
-        normalised = normalise_phrase(query)
-        tokens = words(normalised)
-        if not tokens:
-            raise ValueError(f"query {query!r} has no words to search for")
         with _timed(timings, "encode"):
-            text, text_lens = self.encoder.texts([normalised])  # (1, w, d), one vector per token
+            parsed = query if isinstance(query, ParsedQuery) else self.parse_query(query)
+            text, text_lens = self.encoder.words(parsed.tokens)  # (p, w, d), a vector per word
         with _timed(timings, "stage1"):
             found = self._fragment_candidates(session, pooled_numpy(text, text_lens), k, filters)
         if not found:
@@ -105,29 +111,32 @@ class Engine:
             return []
         with _timed(timings, "rerank"):
             images, image_lens = self.encoder.stored(self.store, [r.region_rows for r in found])
-            scores = self.encoder.model.similarity(images, image_lens, text, text_lens)[:, 0].float().cpu()
+            per_phrase = self.encoder.model.similarity(images, image_lens, text, text_lens)  # (n, p)
+            scores = combine(per_phrase).float().cpu()
             order = sorted(range(len(found)), key=lambda i: (-float(scores[i]), found[i].id))
             page = order[offset: offset + limit]
             hits = self._fragment_hits(session, [found[i] for i in page],
                                        [float(scores[i]) for i in page],
-                                       images[page], image_lens[page], text[0], tokens)
+                                       images[page], image_lens[page], text, parsed.tokens)
         return hits
 
-    def _fragment_candidates(self, session: Session, query_vector: np.ndarray, k: int,
+    def _fragment_candidates(self, session: Session, query_vectors: np.ndarray, k: int,
                              filters: Mapping[str, str] | None) -> list[Row]:
-        """The first stage: the top ``k`` fragments by pooled vector, as database rows."""
+        """The first stage: the union of the top ``k`` fragments of each phrase's pooled
+        vector (p, d), as database rows."""
         allowed = self._allowed_fragments(session, filters) if filters else None
         if allowed is not None and not len(allowed):
             return []
-        _, candidates = self.indexes["fragments"].search(query_vector, k, allowed_ids=allowed)
-        candidates = candidates[0][candidates[0] >= 0]
+        _, found = self.indexes["fragments"].search(query_vectors, k, allowed_ids=allowed)  # (p, k)
+        # each phrase's nearest first, then each one's second, ...; -1 pads a short answer
+        candidates = [i for i in dict.fromkeys(found.T.reshape(-1).tolist()) if i >= 0]
         rows = {r.id: r for r in session.execute(
             select(Fragment.id, Fragment.artwork_id, Fragment.x1, Fragment.y1, Fragment.x2,
                    Fragment.y2, Fragment.source, Fragment.region_rows)
-            .where(Fragment.id.in_(candidates.tolist()))
+            .where(Fragment.id.in_(candidates))
         )}
         # A fragment deleted since FAISS answered has no row: it drops out here.
-        return [rows[i] for i in candidates.tolist() if i in rows]
+        return [rows[i] for i in candidates if i in rows]
 
     def _allowed_fragments(self, session: Session, filters: Mapping[str, str]) -> np.ndarray:
         query = select(Fragment.id).join(Artwork, Fragment.artwork_id == Artwork.id)
@@ -137,8 +146,10 @@ class Engine:
 
     def _fragment_hits(
         self, session: Session, rows: list[Row], scores: list[float], images: torch.Tensor,
-        image_lens: torch.Tensor, text: torch.Tensor, tokens: list[str],
+        image_lens: torch.Tensor, texts: torch.Tensor, tokens: list[list[str]],
     ) -> list[FragmentHit]:
+        """Hits with their attention: texts (p, w, d) are the query's phrases, tokens their
+        words."""
         artwork_ids = {r.artwork_id for r in rows}
         artworks = {a.id: a for a in session.scalars(select(Artwork).where(Artwork.id.in_(artwork_ids)))}
         boxes = {(r.artwork_id, r.store_row): r.box for r in session.scalars(
@@ -151,26 +162,11 @@ class Engine:
                 fragment_id=row.id, artwork_id=artwork.id, external_id=artwork.external_id,
                 title=artwork.title, box=(row.x1, row.y1, row.x2, row.y2), source=row.source,
                 score=score, width=artwork.width, height=artwork.height,
-                attention=self._attention(image[:n_regions], text[: len(tokens)], tokens,
-                                          region_boxes),
+                attention=word_attention(image[:n_regions], texts, tokens, region_boxes,
+                                         self.encoder.model.config.word_attention_lambda),
             ))
         end_read(session)
         return hits
-
-    def _attention(self, image: torch.Tensor, text: torch.Tensor, tokens: list[str],
-                   region_boxes: list[tuple[float, float, float, float]]) -> list[WordAttention]:
-        """Per query word, the fragment's regions by the share of its attention, highest first.
-        image: (r, d) region vectors; text: (w, d) word vectors."""
-        from models.scan import word_region_attention
-
-        weights = word_region_attention(image, text, self.encoder.model.config.word_attention_lambda)  # (w, r)
-        attention = []
-        for word, word_weights in zip(tokens, weights.float().cpu().tolist(), strict=True):
-            ranked = sorted(zip(region_boxes, word_weights, strict=True), key=lambda bw: -bw[1])
-            # a softmax share lies in [0, 1]; clip float rounding so the API's bounds hold
-            attention.append(WordAttention(word, [AttendedRegion(tuple(b), min(1.0, max(0.0, w)))
-                                                  for b, w in ranked]))
-        return attention
 
     # -- image -> phrases -----------------------------------------------------------------
 

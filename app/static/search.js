@@ -47,6 +47,7 @@ function start(q) {
     nextSignal(); // drop an answer still on its way for an older query
     $("search-summary").textContent = "";
     $("search-words").hidden = true;
+    $("search-understood").hidden = true;
     return;
   }
   load(0);
@@ -62,7 +63,10 @@ async function load(offset) {
     state.offset = offset;
     const cards = answer.items.map((item, index) => card(item, offset + index + 1));
     results.append(...cards);
-    if (offset === 0) renderWords(answer.items);
+    if (offset === 0) {
+      renderWords(answer.items);
+      renderUnderstood(answer);
+    }
     const count = offset + answer.items.length;
     $("search-summary").textContent = count
       ? `${count} fragment${count === 1 ? "" : "s"} for “${answer.query}”, best first.`
@@ -116,6 +120,18 @@ function card(item, rank) {
       el("span", { class: "card-meta" }, item.external_id),
     ),
   );
+}
+
+/** What the service made of the query: the phrases it searched, the words it could not use. */
+function renderUnderstood(answer) {
+  const parts = [];
+  if (answer.phrases.length > 1) parts.push(`Searched for ${answer.phrases.map((p) => `“${p}”`).join(" and ")}.`);
+  if (answer.whole_query) parts.push("No noun phrase found: the whole query was searched.");
+  if (answer.unknown_words.length) {
+    parts.push(`Not understood (not in the model's vocabulary): ${answer.unknown_words.join(", ")}.`);
+  }
+  $("search-understood").textContent = parts.join(" ");
+  $("search-understood").hidden = parts.length === 0;
 }
 
 function renderWords(items) {
