@@ -7,8 +7,9 @@ what the phrases say, not only where an object is. Validation is mAP@0.5 on the 
 split, computed by :func:`mean_average_precision` (ours, tested against hand-made boxes).
 Training stops at ``--minutes`` or ``--epochs``, whichever comes first; the learning rate
 follows a cosine over that same budget. Every epoch ends with a validation pass and an
-atomic checkpoint (config + weights + training record), so an interrupted run resumes from
-its last epoch with ``--resume`` (the optimizer's moments restart, after a short warmup).
+atomic checkpoint (config + weights + training record) in ``<out stem>.resume.pt``, so an
+interrupted run resumes from its last epoch with ``--resume`` (the optimizer's moments
+restart, after a short warmup); ``out`` itself holds the best epoch by validation mAP.
 """
 
 from __future__ import annotations
@@ -369,8 +370,6 @@ def train_detector(
             seconds = time.monotonic() - started
             if seconds >= budget_seconds:
                 out_of_time = True
-                log.info("epoch %d cut short by the time limit (%.3g min) after %d of %d batches",
-                         record["epochs"] + 1, options.minutes, len(losses), len(loader))
                 break
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(session_step, seconds) * group["lr_scale"]
@@ -393,6 +392,9 @@ def train_detector(
                 on_step(record["steps"], losses[-1])
         if not losses:
             break
+        if out_of_time:
+            log.info("epoch %d cut short by the time limit (%.3g min) after %d of %d batches",
+                     record["epochs"] + 1, options.minutes, len(losses), len(loader))
         record["epochs"] += 1
         record["seconds"] = time.monotonic() - started
         extractor = RegionExtractor(model, config, version="training")
