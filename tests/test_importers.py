@@ -12,8 +12,14 @@ import pytest
 from PIL import Image
 
 from app.cli import main
-from collection.importers import CsvMapping, import_csv, import_scan_features, import_thesis
-from collection.layout import Collection, CollectionError
+from collection.importers import (
+    CsvMapping,
+    import_csv,
+    import_scan_features,
+    import_thesis,
+    import_voc,
+)
+from collection.layout import Collection, CollectionError, split_for
 
 EGYPTIAN = Path(__file__).resolve().parents[2] / "shared/data/egyptian-cc0"
 
@@ -262,3 +268,90 @@ def test_scan_features_empty_caption_names_the_line(tmp_path: Path) -> None:
     import_scan_features(tmp_path / "c", data=tmp_path, splits=("test",), skip_bad=True)
     assert Collection.load(tmp_path / "c")["test-000000"].captions == [
         "a cat", "a dog", "a bird", "a fish"]
+
+
+# ---------------------------------------------------------------------------- voc
+BYZART = Path(__file__).resolve().parents[2] / "shared/data/byzart-dev"
+
+
+def _icons(split: str, n: int) -> list[Path]:
+    """``n`` real icons of byzart-dev's ``split`` folder, those with an underscore label first."""
+    if not (BYZART / split).is_dir():
+        pytest.skip(f"real data not found at {BYZART} (clone shared/ beside the repo)")
+    xml = sorted((BYZART / split).glob("*.xml"), key=lambda p: ("_</name>" not in p.read_text(), p.name))
+    return [p.with_suffix(".jpg") for p in xml[:n]]
+
+
+@pytest.fixture()
+def voc_source(tmp_path: Path) -> Path:
+    """Three real train icons and two valid ones, in the source's train/ and valid/ folders."""
+    source = tmp_path / "voc"
+    for split, n in (("train", 3), ("valid", 2)):
+        (source / split).mkdir(parents=True)
+        for image in _icons(split, n):
+            for path in (image, image.with_suffix(".xml")):
+                shutil.copy(path, source / split / path.name)
+    return source
+
+
+def test_voc_import_of_real_icons(voc_source: Path, tmp_path: Path) -> None:
+    counts = import_voc(tmp_path / "c", source=voc_source)
+    collection = Collection.load(tmp_path / "c")
+    assert (counts["train"], counts["val"], counts["test"]) == (3, 2, 0)
+    for artwork in collection.artworks:
+        folder = "train" if artwork.split == "train" else "valid"
+        xml = (voc_source / folder / artwork.image.split("/")[-1]).with_suffix(".xml").read_text()
+        assert len(artwork.annotations) == xml.count("<object>")
+        assert artwork.captions == []
+        assert set(artwork.phrases) == {a.phrase for a in artwork.annotations}
+    phrases = {p for a in collection.artworks for p in a.phrases}
+    assert not any("_" in p for p in phrases) and any(" " in p for p in phrases)
+    # No captions: the labels' words make the word vocabulary, so phrases can be encoded.
+    assert "aura" in collection.word_vocab
+
+
+def test_voc_flat_folder_splits_by_hash(tmp_path: Path) -> None:
+    source = tmp_path / "flat"
+    source.mkdir()
+    for number in range(6):
+        Image.new("RGB", (40, 30), (40 * number, 20, 20)).save(source / f"icon{number}.png")
+        (source / f"icon{number}.xml").write_text(_voc([("christ_child", (2, 3, 20, 25))]))
+    import_voc(tmp_path / "c", source=source)
+    artworks = Collection.load(tmp_path / "c").artworks
+    assert [a.split for a in artworks] == [split_for(f"icon{n}") for n in range(6)]
+    assert artworks[0].phrases == ["christ child"]
+
+
+@pytest.mark.parametrize(("xml", "message"), [
+    ("<annotation><object><name>aura</name>", r"bad\.xml:1: not valid XML"),
+    ("", r"bad\.xml:1: not valid XML"),
+    ("<annotation></annotation>", r"bad\.xml: no <object> boxes"),
+    (_voc([("aura", (5, 5, 5, 9))]), r"bad\.xml: <object> 1 \('aura'\): box .* is empty"),
+    (_voc([("", (1, 1, 9, 9))]), r"bad\.xml: <object> 1 has an empty <name>"),
+])
+def test_voc_bad_xml_names_the_file(voc_source: Path, tmp_path: Path, xml: str,
+                                    message: str) -> None:
+    Image.new("RGB", (40, 30), (9, 9, 9)).save(voc_source / "train" / "bad.jpg")
+    (voc_source / "train" / "bad.xml").write_text(xml)
+    with pytest.raises(CollectionError, match=message) as error:
+        import_voc(tmp_path / "c", source=voc_source)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "c").exists()
+
+    counts = import_voc(tmp_path / "c", source=voc_source, skip_bad=True)
+    assert (counts["artworks"], counts["skipped"]) == (5, 1)
+
+
+def test_voc_summary_lists_suspicious_labels(tmp_path: Path, capsys) -> None:
+    source = tmp_path / "flat"
+    source.mkdir()
+    labels = [["saint_george", "aura"], ["st_george", "aura"],
+              ["roboflow is a computer vision platform", "aura"]]
+    for number, names in enumerate(labels):
+        Image.new("RGB", (40, 30), (60 * number, 20, 20)).save(source / f"icon{number}.jpg")
+        (source / f"icon{number}.xml").write_text(_voc([(n, (2, 3, 20, 25)) for n in names]))
+    assert main(["import", "voc", "--source", str(source), "--out", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    assert "sentence long (1): roboflow is a computer vision platform" in out
+    assert "near duplicates (1): saint george / st george" in out
+    assert "single box (3)" in out and "aura" not in out.split("single box")[1]

