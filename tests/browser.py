@@ -63,7 +63,7 @@ def start_service(workdir: Path, *, models: Path, n: int, seed: int, api_key: st
     cli = [sys.executable, "-m", "app"]
     with log_path.open("w") as log:
         prepared = subprocess.run(
-            [*cli, "demo", "--dir", str(workdir), "--n", str(n), "--seed", str(seed),
+            [*cli, "demo", "--collection", "synthetic", "--dir", str(workdir), "--n", str(n), "--seed", str(seed),
              "--models", str(models), "--prepare-only"],
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=PREPARE_TIMEOUT_S,
         )

@@ -66,7 +66,7 @@ class Engine:
         """Load the checkpoints and the feature store under ``data_dir``, then the indexes
         (rebuilt when stale, or always with ``rebuild``)."""
         from app.db.session import session_factory
-        from models.checkpoint import resolve_device
+        from models.checkpoint import CheckpointError, resolve_device
         from models.regions import RegionExtractor
         from models.scan import load_scan
 
@@ -74,6 +74,11 @@ class Engine:
         model, vocab, checkpoint = load_scan(scan_checkpoint, device=device)
         extractor = (RegionExtractor.from_checkpoint(detector_checkpoint, device=device)
                      if detector_checkpoint is not None else None)
+        if extractor is not None and extractor.feature_dim != model.config.raw_dim:
+            raise CheckpointError(
+                f"{scan_checkpoint} reads {model.config.raw_dim}-d region features but "
+                f"{detector_checkpoint} extracts {extractor.feature_dim}-d ones: train the SCAN "
+                "model on features of this detector (artalign extract, then artalign train)")
         data_dir = Path(data_dir)
         store = FeatureStore(data_dir / "features",
                              extractor=extractor.version if extractor is not None else None)
