@@ -36,17 +36,20 @@ QUERIES = [
 
 @pytest.fixture(scope="module")
 def demo_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    from functools import partial
+
     from app.cli.serve import prepare_demo
     from app.main import create_app
     from app.settings import Settings
+    from collection.synth import synthesise
 
     detector, scan = DEMO_MODELS / "detector.pt", DEMO_MODELS / "scan.pt"
     if not (detector.is_file() and scan.is_file()):
         pytest.skip(f"the trained demo model is not in {DEMO_MODELS}")
     root = tmp_path_factory.mktemp("demo")
     database_url = f"sqlite:///{root / 'artalign.db'}"
-    prepare_demo(collection=root / "collection", database_url=database_url, data_dir=root,
-                 detector=detector, scan=scan, n=DEMO_N, seed=DEMO_SEED, device="cpu")
+    prepare_demo(collection=root / "collection", create=partial(synthesise, n=DEMO_N, seed=DEMO_SEED),
+                 database_url=database_url, data_dir=root, detector=detector, scan=scan, device="cpu")
     settings = Settings(database_url=database_url, data_dir=root, scan_checkpoint=scan,
                         detector_checkpoint=detector, device="cpu")
     with TestClient(create_app(settings)) as client:
