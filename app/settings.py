@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ByteSize, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -45,6 +45,13 @@ class Retrieval(BaseModel):
     """The two-stage search: FAISS candidates, then the cross-attention rerank."""
 
     candidates: int = Field(100, ge=1, le=10_000, description="K: candidates reranked by SCAN")
+    memory_budget: ByteSize = Field(
+        ByteSize(4 << 30), gt=0,
+        description="memory the fragment index may take (bytes, or '4GiB', '512MB'): the "
+        "index kind follows it and the collection size — exact below 50,000 vectors, then the "
+        "most precise of IVF-Flat, IVF-SQ8 (8-bit codes) and IVF-PQ that fits "
+        "(index.vectors.plan_index; docs/SCALING.md has the measured trade-offs)",
+    )
 
 
 class Settings(BaseSettings):
