@@ -21,6 +21,8 @@ BENCHMARKS = [
      "region-extraction throughput per detector backbone, on the same images"),
     ("ray-extract", "bench.ray_extract",
      "region extraction: the local path vs the Ray path, plus the per-image sizes for scaling"),
+    ("store", "bench.store",
+     "feature store: open, refresh, append and read cost vs shards written, before and after compaction"),
     ("http", "bench.http",
      "HTTP latency (p50/p95) of GET /search and POST /annotate on a running service"),
 ]
