@@ -2,8 +2,8 @@
 
 At startup the lifespan validates the settings' files, connects to the database, loads the
 SCAN checkpoint, the region extractor, the feature store and the FAISS indexes (the retrieval
-:class:`~app.services.retrieval.Engine`) and keeps them in ``app.state.runtime``; routes
-reach them through the dependencies in :mod:`app.api.deps`.
+:class:`~app.services.retrieval.Engine`) and keeps them in ``app.state.runtime`` (an
+:class:`app.runtime.Runtime`); routes reach them through the dependencies in :mod:`app.api.deps`.
 """
 
 from __future__ import annotations
@@ -12,19 +12,17 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from sqlalchemy import Engine as DatabaseEngine
-from sqlalchemy.orm import Session, sessionmaker
 
 from app.api import errors
 from app.api.inference import InferencePool
 from app.api.limits import BodyLimitMiddleware
 from app.api.metrics import Metrics, MetricsMiddleware
+from app.runtime import Runtime
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,26 +41,6 @@ Errors are `application/problem+json` (RFC 9457).
 """
 
 
-@dataclass
-class Runtime:
-    """Everything loaded once at startup and shared by every request."""
-
-    settings: Settings
-    database: DatabaseEngine
-    sessions: sessionmaker[Session]
-    engine: Any  # app.services.retrieval.Engine (imported lazily: it pulls in torch)
-    pool: InferencePool
-    metrics: Metrics
-    key_hashes: frozenset[str]
-    # Ingest, replace, delete and curation append to the feature store and update the
-    # indexes: one writer at a time keeps the store's manifest and the indexes consistent.
-    write_lock: threading.Lock
-
-    def url(self, path: str) -> str:
-        """A URL for a path of this service, as clients should follow it."""
-        return self.settings.public_url.rstrip("/") + path
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The service, configured by ``settings`` (default: read from ``ARTALIGN_*`` variables)."""
     settings = settings or Settings()
@@ -74,7 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.runtime = runtime
         log.info(
             "serving %d fragments and %d phrases with model %s",
-            runtime.engine.fragment_count(), runtime.engine.phrase_count(),
+            runtime.engine.indexes.fragment_count(), runtime.engine.indexes.phrase_count(),
             runtime.engine.model_version[:12],
         )
         stop = threading.Event()
@@ -96,6 +74,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=API_VERSION,
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # app.api.docs serves /docs from installed files, not a CDN
+        redoc_url=None,
         responses={
             422: {"description": "invalid request", "content": {errors.PROBLEM_JSON: {}}},
         },
@@ -119,10 +99,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def _include_routes(app: FastAPI) -> None:
-    from app.api import annotate, artworks, health, search
+    from app.api import annotate, artworks, docs, health, search
 
     for module in (health, search, annotate, artworks):
         app.include_router(module.router)
+    docs.install(app)
     if (STATIC_DIR / "index.html").is_file():
         _serve_curator_page(app)
 
@@ -167,11 +148,11 @@ def preflight(settings: Settings) -> DatabaseEngine:
 
 def _sync_indexes(runtime: Runtime, stop: threading.Event) -> None:
     """Every ``index_sync_seconds``, pick up what another process committed and indexed
-    (Engine.sync), so replicas of the service stay fresh without a restart."""
+    (Indexes.sync), so replicas of the service stay fresh without a restart."""
     while not stop.wait(runtime.settings.index_sync_seconds):
         try:
             with runtime.sessions() as session:
-                runtime.engine.sync(session)
+                runtime.engine.indexes.sync(session)
         except Exception:  # the database may be down for a while: /readyz says so; try again
             log.warning("index sync failed; retrying in %.0f s", runtime.settings.index_sync_seconds,
                         exc_info=True)
@@ -205,8 +186,8 @@ def _start(settings: Settings, metrics: Metrics) -> Runtime:
         data_dir=settings.data_dir,
         device=settings.device,
     )
-    metrics.track_index("fragments", engine.fragment_count)
-    metrics.track_index("phrases", engine.phrase_count)
+    metrics.track_index("fragments", engine.indexes.fragment_count)
+    metrics.track_index("phrases", engine.indexes.phrase_count)
     pool = InferencePool(settings.limits.max_inflight, settings.limits.inference_threads,
                          settings.limits.torch_threads)
     metrics.inflight.set_function(lambda: pool.inflight)

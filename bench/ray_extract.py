@@ -28,9 +28,18 @@ import platform
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.report import publish, run_as_main
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from collection.layout import Collection
+    from index.featurestore import FeatureStore
+
+    # measure(engine name, extract into a store) -> the store it filled
+    Measure = Callable[[str, Callable[[FeatureStore], dict[str, int]]], FeatureStore]
 
 log = logging.getLogger(__name__)
 
@@ -197,27 +206,17 @@ def postgres_bytes(server_url: str, rows: int, artworks: int = 2000) -> dict[str
 
 
 def run(options: argparse.Namespace) -> dict[str, Any]:
-    import numpy as np
     import ray
     import torch
 
     from index.featurestore import FeatureStore
-    from models.checkpoint import save_checkpoint
-    from models.regions import DetectorConfig, RegionExtractor, build_detector
+    from models.regions import RegionExtractor
     from training.extract import extract_collection
-    from training.ray_extract import DetectorSource, extract_collection_ray
 
-    concurrencies = [int(v) for v in options.concurrency.split(",") if v.strip()]
     with tempfile.TemporaryDirectory(prefix="bench-ray-extract-") as scratch:
         scratch = Path(scratch)
         collection, origin = make_collection(scratch / "collection", options.source, options.images)
-        detector = options.detector
-        if detector is None:
-            torch.manual_seed(0)
-            config = DetectorConfig()
-            detector = scratch / "detector.pt"
-            save_checkpoint(detector, kind="detector", config=config.to_dict(),
-                            state_dict=build_detector(config).state_dict())
+        detector = options.detector or _random_detector(scratch / "detector.pt")
         extractor = RegionExtractor.from_checkpoint(detector)
         report: dict[str, Any] = {
             "benchmark": "ray_extract",
@@ -258,32 +257,63 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
         finally:
             torch.set_num_threads(threads)
 
-        start = time.perf_counter()
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-        report["ray_init_seconds"] = time.perf_counter() - start
-        try:
-            for concurrency in concurrencies:
-                remote = measure(f"ray-{concurrency}", lambda store, c=concurrency: extract_collection_ray(
-                    collection, DetectorSource(str(detector)), store, concurrency=c,
-                    batch_size=options.batch_size, progress=False))
-                report["runs"][-1]["max_abs_feature_diff_vs_local"] = max(
-                    float(np.abs(remote.get(k).features.astype(np.float32)
-                                 - local.get(k).features.astype(np.float32)).max())
-                    for k in local.keys()
-                )
-        finally:
-            ray.shutdown()
-        rows = report["runs"][0]["rows"]
-        report["rows_per_image"] = rows / options.images
-        report["store_bytes_per_image"] = report["runs"][0]["store_bytes"] / options.images
-        report["store_bytes_per_row"] = report["runs"][0]["store_bytes"] / rows
-        rows_per_image = round(report["rows_per_image"])
-        report["decoding"] = decoding_cost(options.large_source)
-        report["store_append"] = store_append_rate(scratch / "append", extractor.feature_dim, rows_per_image)
-        if options.postgres:
-            report["postgres"] = postgres_bytes(options.postgres, rows_per_image)
-        report["machine"]["load_after"] = os.getloadavg()
+        _ray_runs(options, report, measure, collection, detector, local)
+        _per_image_figures(options, report, scratch, extractor.feature_dim)
     return report
+
+
+def _random_detector(path: Path) -> Path:
+    """A randomly initialised default detector (its speed is a trained one's)."""
+    import torch
+
+    from models.checkpoint import save_checkpoint
+    from models.regions import DetectorConfig, build_detector
+
+    torch.manual_seed(0)
+    config = DetectorConfig()
+    save_checkpoint(path, kind="detector", config=config.to_dict(),
+                    state_dict=build_detector(config).state_dict())
+    return path
+
+
+def _ray_runs(options: argparse.Namespace, report: dict[str, Any], measure: Measure,
+              collection: Collection, detector: Path, local: FeatureStore) -> None:
+    """Extraction through Ray at each concurrency, each checked against the local features."""
+    import numpy as np
+    import ray
+
+    from training.ray_extract import DetectorSource, extract_collection_ray
+
+    start = time.perf_counter()
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    report["ray_init_seconds"] = time.perf_counter() - start
+    try:
+        for concurrency in [int(v) for v in options.concurrency.split(",") if v.strip()]:
+            remote = measure(f"ray-{concurrency}", lambda store, c=concurrency: extract_collection_ray(
+                collection, DetectorSource(str(detector)), store, concurrency=c,
+                batch_size=options.batch_size, progress=False))
+            report["runs"][-1]["max_abs_feature_diff_vs_local"] = max(
+                float(np.abs(remote.get(k).features.astype(np.float32)
+                             - local.get(k).features.astype(np.float32)).max())
+                for k in local.keys()
+            )
+    finally:
+        ray.shutdown()
+
+
+def _per_image_figures(options: argparse.Namespace, report: dict[str, Any], scratch: Path,
+                       feature_dim: int) -> None:
+    """Rows and bytes per image, decoding and append costs: what docs/SCALING.md scales up."""
+    rows = report["runs"][0]["rows"]
+    report["rows_per_image"] = rows / options.images
+    report["store_bytes_per_image"] = report["runs"][0]["store_bytes"] / options.images
+    report["store_bytes_per_row"] = report["runs"][0]["store_bytes"] / rows
+    rows_per_image = round(report["rows_per_image"])
+    report["decoding"] = decoding_cost(options.large_source)
+    report["store_append"] = store_append_rate(scratch / "append", feature_dim, rows_per_image)
+    if options.postgres:
+        report["postgres"] = postgres_bytes(options.postgres, rows_per_image)
+    report["machine"]["load_after"] = os.getloadavg()
 
 
 def format_table(report: dict[str, Any]) -> str:

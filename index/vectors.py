@@ -28,19 +28,18 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import faiss
 import numpy as np
 
-from index.atomic import write_json_atomic
+from index.atomic import write_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -345,12 +344,9 @@ class VectorIndex:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         name = f"index-{uuid.uuid4().hex}.faiss"
-        tmp = folder / f".{name}.tmp"
         with self._lock.reading():
-            faiss.write_index(self._index, str(tmp))
+            write_atomic(folder / name, self._write_to)
             count = len(self)
-        _fsync_file(tmp)
-        os.replace(tmp, folder / name)
         manifest = {
             "format": FORMAT, "version": VERSION, "file": name, "kind": self.kind,
             "dim": self.dim, "count": count, "nlist": self.nlist, "nprobe": self.nprobe,
@@ -362,6 +358,11 @@ class VectorIndex:
                 stale.unlink(missing_ok=True)
         log.info("saved %s index of %d vectors to %s", self.kind, count, folder)
         return folder / MANIFEST
+
+    def _write_to(self, handle: IO[bytes]) -> None:
+        writer = faiss.PyCallbackIOWriter(handle.write)
+        faiss.write_index(self._index, writer)
+        del writer  # flushes what it buffered
 
     @classmethod
     def load(cls, folder: str | Path, *, use_gpu: bool | None = None) -> VectorIndex:
@@ -425,7 +426,3 @@ def _check_ids(ids: np.ndarray) -> np.ndarray:
         raise VectorIndexError("ids must be non-negative (-1 means 'missing' in results)")
     return ids
 
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())

@@ -158,3 +158,11 @@ def load_checkpoint(
         sha256=file_sha256(path),
         path=path,
     )
+
+
+def resolve_device(device: str) -> str:
+    """Where a loaded model runs: "auto" -> "cuda" when torch sees a GPU, else "cpu";
+    anything else as given."""
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"

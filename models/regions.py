@@ -37,7 +37,7 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops import boxes as box_ops
 
 from index.featurestore import RegionRecord
-from index.fragments import ANNOTATION, EXTRACTED, WHOLE
+from index.fragments import ANNOTATION, EXTRACTED, GIVEN, WHOLE, fragments_of
 from models.checkpoint import CheckpointError, file_sha256, load_checkpoint
 
 TORCHVISION_BACKBONES = {
@@ -511,6 +511,29 @@ class RegionExtractor:
         width, height = size
         return np.clip(out, 0, [width, height, width, height]).astype(np.float32)
 
+
+def crop_region_set(extractor: RegionExtractor, crop: Image.Image) -> np.ndarray:
+    """(r, D_raw) raw features of an uploaded crop's fragment: the crop's own box pooled,
+    then the regions detected inside it (index.fragments' region set of a "crop" fragment).
+
+    The detector resizes every image so that its longer side is ``image_size``: a small
+    crop alone would be magnified several times and look like nothing it learnt from, and
+    its whole-image feature describes an artwork, not a detail. So the crop is laid, at its
+    own scale, on a square canvas of that size filled with its mean border colour, as it
+    lay on its artwork, and its box is pooled there.
+    """
+    width, height = crop.size
+    side = max(extractor.config.image_size, width, height)
+    pixels = np.asarray(crop.convert("RGB"), dtype=np.float32)  # (h, w, 3)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])  # (2w + 2h, 3)
+    canvas = Image.new("RGB", (side, side), tuple(int(v) for v in border.mean(axis=0)))
+    left, top = (side - width) // 2, (side - height) // 2
+    canvas.paste(crop, (left, top))
+    box = np.array([[left, top, left + width, top + height]], dtype=np.float32)  # (1, 4) xyxy
+    record = extractor.extract([canvas], extra_boxes=[box], extra_kind=GIVEN)[0]
+    fragment = next(spec for spec in fragments_of(record.boxes, record.scores, record.kinds)
+                    if spec.source == "crop")
+    return np.asarray(record.features, dtype=np.float32)[fragment.rows]
 
 def _load_state(model: nn.Module, state: dict[str, Tensor], path: str | Path, backbone: str) -> None:
     """Load ``state`` into ``model`` strictly, naming the file and the expected backbone."""

@@ -306,7 +306,7 @@ def test_a_replica_picks_up_what_another_instance_ingested(
         reader = start(make_settings(url, data, tiny_checkpoints.scan, tiny_checkpoints.detector,
                                      index_sync_seconds=0.1))
         try:
-            engines = [c.app.state.runtime.engine for c in (writer, reader)]
+            engines = [c.app.state.runtime.engine.indexes for c in (writer, reader)]
             assert [e.fragment_count() for e in engines] == [0, 0]
             for number in range(2):
                 report = writer.post("/artworks", headers=WRITE, **artwork_form(f"replica-{number}",
@@ -335,7 +335,7 @@ def test_search_pages_past_k_rank_another_block_of_candidates(
             for number in range(2):
                 assert client.post("/artworks", headers=WRITE, **artwork_form(
                     f"pages-{number}", seed=70 + number)).status_code == 201
-            assert client.app.state.runtime.engine.fragment_count() >= 6
+            assert client.app.state.runtime.engine.indexes.fragment_count() >= 6
 
             def page(offset: int, limit: int) -> list[int]:
                 response = client.get("/search", params={"q": "gold birds", "offset": offset, "limit": limit})

@@ -8,8 +8,9 @@ import pytest
 from sqlalchemy import func, select
 
 from app.db.models import Annotation, Artwork, ArtworkPhrase, Caption, Fragment, Phrase, Region
-from app.services import ingest as ingest_module
-from app.services.ingest import delete_artwork, ingest_artwork, ingest_collection
+from app.services import artwork_rows
+from app.services.collection_ingest import ingest_collection
+from app.services.ingest import delete_artwork, ingest_artwork
 from collection.images import ImageError
 from index.featurestore import FeatureStore
 from index.fragments import fragments_of
@@ -34,7 +35,7 @@ def ingest(db_session, tiny_extractor, store, tmp_path):
     def run(external_id="vase-1", seed=1, **fields):
         fields.setdefault("captions", ["A blue vase with two gold birds among clouds."])
         return ingest_artwork(
-            db_session, engine_or_extractor=tiny_extractor, store=store,
+            db_session, extractor=tiny_extractor, store=store,
             external_id=external_id, image_bytes=fields.pop("image", image_bytes(seed)),
             title=fields.pop("title", "Vase"), image_dir=tmp_path / "images", **fields,
         )
@@ -120,7 +121,7 @@ def test_a_failure_after_the_store_append_leaves_no_partial_artwork(ingest, db_s
         raise RuntimeError("injected failure mid-transaction")
 
     # fragments_of runs after the feature-store append and after rows were flushed.
-    monkeypatch.setattr(ingest_module, "fragments_of", crash)
+    monkeypatch.setattr(artwork_rows, "fragments_of", crash)
     with pytest.raises(RuntimeError, match="injected"):
         ingest(captions=["A painted box."])
     with pytest.raises(RuntimeError, match="injected"):
@@ -195,12 +196,12 @@ def test_collection_ingest_reuses_the_collections_features(db_session, tiny_extr
             raise AssertionError("a0's annotation box is in the collection's store")
 
     extractor = NoExtraction(tiny_extractor)
-    first = ingest_collection(db_session, engine_or_extractor=extractor, store=store,
+    first = ingest_collection(db_session, extractor=extractor, store=store,
                               collection=collection, progress=False)
     assert first == {"created": 3} and extractor.calls == 2
     a0 = db_session.scalar(select(Artwork).where(Artwork.external_id == "a0"))
     assert [r.kind for r in a0.regions].count(2) == 1 and len(a0.regions) == len(record)
-    again = ingest_collection(db_session, engine_or_extractor=extractor, store=store,
+    again = ingest_collection(db_session, extractor=extractor, store=store,
                               collection=collection, progress=False)
     assert again == {"unchanged": 3}
 
@@ -208,26 +209,26 @@ def test_collection_ingest_reuses_the_collections_features(db_session, tiny_extr
 def test_a_curator_box_becomes_a_fragment_once_and_never_without_an_image(
         ingest, db_session, store, tiny_extractor):
     from pathlib import Path
-    from types import SimpleNamespace
 
-    from app.services.ingest import IndexChange, add_box_fragment
+    from app.services.artwork_regions import add_box_fragment
+    from app.services.indexes import IndexChange
 
     artwork = db_session.get(Artwork, ingest().artwork_id)
-    engine = SimpleNamespace(store=store, extractor=tiny_extractor)
+    engine = {"store": store, "extractor": tiny_extractor}
     change = IndexChange()
-    fragment = add_box_fragment(db_session, engine=engine, artwork=artwork, box=[2, 3, 30, 40], change=change)
+    fragment = add_box_fragment(db_session, **engine, artwork=artwork, box=[2, 3, 30, 40], change=change)
     assert fragment.source == "annotation" and change.added_fragments == [fragment.id]
     assert np.allclose(fragment.box, [2, 3, 30, 40], atol=0.01)
     own = store.get(store.keys()[-1])  # the pooled box, stored under its own key
     np.testing.assert_array_equal(store.features(fragment.region_rows[:1]), own.features.astype(np.float32))
     extracted = {r.store_row for r in artwork.regions if r.kind == 1}
     assert set(fragment.region_rows[1:]) <= extracted
-    again = add_box_fragment(db_session, engine=engine, artwork=artwork, box=[2, 3, 30, 40], change=change)
+    again = add_box_fragment(db_session, **engine, artwork=artwork, box=[2, 3, 30, 40], change=change)
     assert again is fragment and change.added_fragments == [fragment.id]
     db_session.commit()
 
     Path(artwork.image_location).unlink()
-    assert add_box_fragment(db_session, engine=engine, artwork=artwork, box=[5, 5, 20, 20],
+    assert add_box_fragment(db_session, **engine, artwork=artwork, box=[5, 5, 20, 20],
                             change=change) is None
     assert change.added_fragments == [fragment.id]
     db_session.rollback()

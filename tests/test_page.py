@@ -375,6 +375,59 @@ def test_upload_a_crop(page, service: Service, trained: bool, tmp_path: Path) ->
     screenshot(page, "upload")
 
 
+
+def test_keep_an_uploaded_crop_as_a_new_artwork(page, service: Service, tmp_path: Path) -> None:
+    """An uploaded crop can be saved as an artwork (with the API key); an id already in use is
+    refused, not overwritten; then its phrases can be accepted for the whole image."""
+    from PIL import Image
+
+    artwork, annotation = largest_annotation(service)
+    crop_path = tmp_path / "kept motif.png"
+    with Image.open(service.collection / artwork.image) as image:
+        crop = image.convert("RGB").crop(tuple(round(v) for v in annotation.box))
+        crop.save(crop_path)
+    page.goto("/#/upload")
+    page.locator("#upload-file").set_input_files(str(crop_path))
+    page.locator("#upload-results .phrase-text").first.wait_for()
+    assert page.locator("#upload-keep-id").input_value() == "kept-motif"
+
+    # Someone else's id: refused before anything is written.
+    posted: list[str] = []
+    page.on("request", lambda r: posted.append(r.url) if r.method == "POST" and "/artworks" in r.url else None)
+    page.evaluate(f"localStorage.setItem('artalign.apiKey', {json.dumps(API_KEY)})")
+    page.locator("#upload-keep-id").fill(artwork.id)
+    page.locator("#upload-keep-save").click()
+    page.locator("#error").wait_for()
+    assert "exists already" in page.locator("#error-text").text_content()
+    assert posted == []
+
+    new_id = "kept-motif-test"
+    page.locator("#upload-keep-id").fill(new_id)
+    with page.expect_response(lambda r: r.url.endswith("/artworks") and r.request.method == "POST") as saved:
+        page.locator("#upload-keep-save").click()
+    assert saved.value.status == 201
+    report = saved.value.json()
+    try:
+        page.locator("#upload-keep-saved a").wait_for()
+        assert page.locator("#upload-keep-saved a").get_attribute("href") == f"#/artworks/{report['id']}"
+        accept = page.locator("#upload-results button.accept")
+        assert accept.count() == page.locator("#upload-results .phrase").count() > 0
+        phrase = page.locator("#upload-results .phrase-text").first.text_content()
+        with page.expect_response(lambda r: r.url.endswith("/annotations")) as stored:
+            accept.first.click()
+        assert stored.value.status == 201
+        assert json.loads(stored.value.request.post_data) == {
+            "artwork_id": report["id"], "box": [0, 0, crop.width, crop.height], "phrase": phrase,
+        }
+        assert phrase in service.get_json(f"/artworks/{report['id']}")["phrases"]
+        assert_controls_named(page)
+        screenshot(page, "upload-kept")
+    finally:
+        request = urllib.request.Request(f"{service.url}/artworks/external/{new_id}", method="DELETE",
+                                         headers={"X-API-Key": API_KEY})
+        urllib.request.urlopen(request, timeout=30).close()
+
+
 def test_upload_real_photograph_and_bad_files(page, service: Service, egyptian_dir: Path,
                                               tmp_path: Path) -> None:
     photograph = sorted((egyptian_dir / "images-large").glob("*.jpg"))[0]
@@ -403,3 +456,96 @@ def test_upload_real_photograph_and_bad_files(page, service: Service, egyptian_d
     assert refused.value.status == 422
     page.locator("#error-text").filter(has_text=refused.value.json()["detail"]).wait_for()
     assert page.locator("#upload-results .phrase").count() == 0
+
+
+def test_api_docs_render_with_no_network(browser, service: Service) -> None:
+    """/docs lists every operation of the OpenAPI document with nothing loaded from outside:
+    any request that is not to the service itself is refused, and there must be none."""
+    operations = sum(
+        1 for methods in service.get_json("/openapi.json")["paths"].values()
+        for method in methods if method in {"get", "post", "put", "delete", "patch"}
+    )
+    context = browser.new_context(viewport=DESKTOP)
+    outside: list[str] = []
+
+    def only_the_service(route) -> None:
+        if route.request.url.startswith(service.url):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", only_the_service)
+    tab = context.new_page()
+    script_errors: list[str] = []
+    tab.on("pageerror", lambda error: script_errors.append(str(error)))
+    try:
+        tab.goto(service.url + "/docs")
+        tab.locator(".opblock").first.wait_for(timeout=30_000)
+        assert tab.locator(".opblock").count() == operations
+        assert tab.locator(".opblock-summary-path", has_text="/search").count() >= 1
+        screenshot(tab, "api-docs")
+    finally:
+        context.close()
+    assert outside == [], f"the docs page tried to load from outside: {outside}"
+    assert not script_errors, f"the docs page threw: {script_errors}"
+
+
+def test_resize_a_box_by_its_handles(page, service: Service) -> None:
+    """A drawn box has eight handles; dragging one with the mouse, or with a finger, moves
+    only its edges, and Ctrl+arrows move the top-left corner; each change asks for phrases."""
+    artwork, _ = largest_annotation(service)
+    artwork_id = service_id(service, artwork.id)
+    detail = service.get_json(f"/artworks/{artwork_id}")
+    size = width, height = detail["width"], detail["height"]
+    page.goto(f"/#/artworks/{artwork_id}")
+    page.wait_for_function("document.querySelector('#artwork-stage img')?.complete")
+    frame = page.locator("#artwork-stage img").bounding_box()
+    pixel = width / frame["width"]  # original pixels per displayed pixel
+
+    def sent_box(action) -> list[float]:
+        with page.expect_request(lambda request: request.url.endswith("/annotate")) as sent:
+            action()
+        return json.loads(sent.value.post_data)["box"]
+
+    def drag(start, end) -> None:
+        page.mouse.move(*to_screen(frame, size, *start))
+        page.mouse.down()
+        page.mouse.move(*to_screen(frame, size, *end), steps=5)
+        page.mouse.up()
+
+    box = [width * 0.3, height * 0.3, width * 0.6, height * 0.6]
+    drawn = sent_box(lambda: drag(box[:2], box[2:]))
+    assert page.locator("#artwork-stage circle.handle").count() == 8
+
+    # The mouse takes the bottom-right handle and pulls it out; the top-left stays put.
+    corner = (drawn[2], drawn[3])
+    target = (width * 0.8, height * 0.75)
+    resized = sent_box(lambda: drag(corner, target))
+    assert resized[:2] == drawn[:2]
+    assert resized[2] == pytest.approx(target[0], abs=2 * pixel + 1)
+    assert resized[3] == pytest.approx(target[1], abs=2 * pixel + 1)
+    assert page.locator("#artwork-stage circle.handle").count() == 8
+
+    # A finger takes the left edge's handle (touch events, as a phone sends them).
+    touch = page.context.new_cdp_session(page)
+    left = to_screen(frame, size, resized[0], (resized[1] + resized[3]) / 2)
+    goal = to_screen(frame, size, width * 0.1, (resized[1] + resized[3]) / 2)
+
+    def finger() -> None:
+        for kind, (x, y) in (("touchStart", left), ("touchMove", ((left[0] + goal[0]) / 2, left[1])),
+                             ("touchMove", goal), ("touchEnd", goal)):
+            points = [] if kind == "touchEnd" else [{"x": x, "y": y}]
+            touch.send("Input.dispatchTouchEvent", {"type": kind, "touchPoints": points})
+
+    touched = sent_box(finger)
+    assert touched[0] == pytest.approx(width * 0.1, abs=2 * pixel + 1)
+    assert touched[1:] == resized[1:]
+
+    # The keyboard moves the top-left corner with Ctrl+arrows.
+    page.locator("#artwork-stage").focus()
+    page.keyboard.press("Control+ArrowUp")
+    keyed = sent_box(lambda: page.keyboard.press("Enter"))
+    step = max(1, round(height * 0.02))
+    assert keyed == [touched[0], max(0, touched[1] - step), touched[2], touched[3]]
+    screenshot(page, "resize-handles")

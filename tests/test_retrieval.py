@@ -12,11 +12,14 @@ from sqlalchemy import select
 
 from app.db.models import Artwork, Fragment, IndexBuild, Phrase
 from app.db.session import create_db_engine, session_factory
+from app.services.indexes import Indexes
 from app.services.ingest import delete_artwork, ingest_artwork
 from app.services.retrieval import Engine
 from collection.images import load_image
 from collection.phrases import normalise_phrase
 from index.featurestore import FeatureStore
+from models.encoder import Encoder
+from models.regions import crop_region_set
 from models.scan import load_scan, xattn_similarity
 from models.vocab import tokenize
 from tests.conftest import image_bytes
@@ -32,15 +35,15 @@ QUERIES = ["gold birds", "the red dragon among clouds", "cat head", "unknownword
 
 def make_engine(checkpoints, extractor, data_dir, scan=None):
     model, vocab, checkpoint = load_scan(scan or checkpoints.scan)
-    return Engine(model=model, vocab=vocab, model_version=checkpoint.sha256,
-                  store=FeatureStore(data_dir / "features", extractor=extractor.version),
-                  extractor=extractor, index_dir=data_dir / "index",
-                  image_dir=data_dir / "images")
+    indexes = Indexes(encoder=Encoder(model, vocab), model_version=checkpoint.sha256,
+                      store=FeatureStore(data_dir / "features", extractor=extractor.version),
+                      index_dir=data_dir / "index")
+    return Engine(indexes=indexes, extractor=extractor, image_dir=data_dir / "images")
 
 
-def ingest_all(session, engine_or_extractor, store, data_dir, artworks=ARTWORKS):
+def ingest_all(session, extractor, store, data_dir, artworks=ARTWORKS):
     for seed, (external_id, caption, metadata) in enumerate(artworks):
-        ingest_artwork(session, engine_or_extractor=engine_or_extractor, store=store,
+        ingest_artwork(session, extractor=extractor, store=store,
                        external_id=external_id, image_bytes=image_bytes(100 + seed),
                        title=external_id, metadata=metadata, captions=[caption],
                        annotations=[{"phrase": "gold birds", "box": [2, 2, 40, 30]}] if seed == 0 else [],
@@ -51,7 +54,7 @@ def ingest_all(session, engine_or_extractor, store, data_dir, artworks=ARTWORKS)
 def loaded(db_session, tiny_checkpoints, tiny_extractor, tmp_path):
     engine = make_engine(tiny_checkpoints, tiny_extractor, tmp_path)
     ingest_all(db_session, tiny_extractor, engine.store, tmp_path)
-    assert engine.start(db_session) == {"fragments": "rebuilt", "phrases": "rebuilt"}
+    assert engine.indexes.start(db_session) == {"fragments": "rebuilt", "phrases": "rebuilt"}
     return engine, db_session
 
 
@@ -86,9 +89,9 @@ def exhaustive_search(engine, session, query, filters=None):
         fragments = [f for f in fragments
                      if all(f.artwork.meta.get(k) == v for k, v in filters.items())]
     raw, lens = padded_region_sets(engine.store, [f.region_rows for f in fragments])
-    ids, n_words = word_ids(engine.vocab, normalise_phrase(query))
-    text = engine.model.encode_texts(ids, n_words)
-    scores = similarity(engine.model, engine.model.encode_images(raw, lens), lens, text, n_words)[:, 0]
+    ids, n_words = word_ids(engine.encoder.vocab, normalise_phrase(query))
+    text = engine.encoder.model.encode_texts(ids, n_words)
+    scores = similarity(engine.encoder.model, engine.encoder.model.encode_images(raw, lens), lens, text, n_words)[:, 0]
     ranked = sorted(zip([f.id for f in fragments], scores.tolist(), strict=True), key=lambda p: (-p[1], p[0]))
     session.rollback()
     return ranked
@@ -99,12 +102,12 @@ def exhaustive_phrases(engine, session, raw_features):
     phrases = session.scalars(select(Phrase).order_by(Phrase.id)).all()
     raw = torch.from_numpy(np.asarray(raw_features, dtype=np.float32))[None]
     lens = torch.tensor([raw.shape[1]])
-    image = engine.model.encode_images(raw, lens)
+    image = engine.encoder.model.encode_images(raw, lens)
     scores = []
     for phrase in phrases:  # one phrase at a time: no padding at all in the reference
-        ids, n_words = word_ids(engine.vocab, phrase.text)
-        scores.append(float(similarity(engine.model, image, lens,
-                                       engine.model.encode_texts(ids, n_words), n_words)[0, 0]))
+        ids, n_words = word_ids(engine.encoder.vocab, phrase.text)
+        scores.append(float(similarity(engine.encoder.model, image, lens,
+                                       engine.encoder.model.encode_texts(ids, n_words), n_words)[0, 0]))
     session.rollback()
     return sorted(zip([p.id for p in phrases], scores, strict=True), key=lambda p: (-p[1], p[0]))
 
@@ -114,7 +117,7 @@ def exhaustive_phrases(engine, session, raw_features):
 
 def test_two_stage_equals_exhaustive_when_k_covers_everything(loaded):
     engine, session = loaded
-    n = engine.fragment_count()
+    n = engine.indexes.fragment_count()
     assert n == len(session.scalars(select(Fragment.id)).all()) > 4
     for query in QUERIES:
         reference = exhaustive_search(engine, session, query)
@@ -159,7 +162,7 @@ def test_hits_carry_metadata_and_word_attention(loaded):
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # engine logic, not SQL
 def test_annotate_equals_exhaustive_and_lists_artworks(loaded, tiny_extractor):
     engine, session = loaded
-    n = engine.phrase_count()
+    n = engine.indexes.phrase_count()
     artwork = session.scalar(select(Artwork).where(Artwork.external_id == "vase-1"))
     whole = artwork.fragments[0]
     features = engine.store.features(np.array(whole.region_rows))
@@ -189,7 +192,7 @@ def test_annotate_equals_exhaustive_and_lists_artworks(loaded, tiny_extractor):
     crop_image = image.crop((0, 0, 40, 30))
     crop = engine.annotate_image(session, crop_image, k=n, limit=2)
     assert len(crop) == 2 and crop[0].score >= crop[1].score
-    region_set = engine.crop_region_set(crop_image)
+    region_set = crop_region_set(engine.extractor, crop_image)
     assert region_set.ndim == 2 and len(region_set) >= 1
     assert [h.phrase_id for h in crop] == [i for i, _ in exhaustive_phrases(engine, session, region_set)[:2]]
     as_whole_image = tiny_extractor.extract([crop_image])[0].features[0]
@@ -202,28 +205,28 @@ def test_saved_indexes_load_and_stale_ones_rebuild(db_url, tiny_checkpoints, tin
     with sessions() as session:
         first = make_engine(tiny_checkpoints, tiny_extractor, tmp_path)
         ingest_all(session, tiny_extractor, first.store, tmp_path, ARTWORKS[:2])
-        assert first.start(session) == {"fragments": "rebuilt", "phrases": "rebuilt"}
+        assert first.indexes.start(session) == {"fragments": "rebuilt", "phrases": "rebuilt"}
         builds = session.scalars(select(IndexBuild)).all()
-        assert [(b.state, b.fragment_count) for b in builds] == [("ready", first.fragment_count())]
+        assert [(b.state, b.fragment_count) for b in builds] == [("ready", first.indexes.fragment_count())]
         query_hits = [h.fragment_id for h in first.search_text(session, "gold birds", limit=5)]
 
         second = make_engine(tiny_checkpoints, tiny_extractor, tmp_path)
-        assert second.start(session) == {"fragments": "loaded", "phrases": "loaded"}
-        assert second.fragment_count() == first.fragment_count()
+        assert second.indexes.start(session) == {"fragments": "loaded", "phrases": "loaded"}
+        assert second.indexes.fragment_count() == first.indexes.fragment_count()
         assert [h.fragment_id for h in second.search_text(session, "gold birds", limit=5)] == query_hits
 
         # The database changed behind the index's back (no engine told): rebuilt.
         ingest_all(session, tiny_extractor, first.store, tmp_path, ARTWORKS[2:3])
         third = make_engine(tiny_checkpoints, tiny_extractor, tmp_path)
-        assert third.start(session) == {"fragments": "rebuilt", "phrases": "rebuilt"}
-        assert third.fragment_count() > first.fragment_count()
+        assert third.indexes.start(session) == {"fragments": "rebuilt", "phrases": "rebuilt"}
+        assert third.indexes.fragment_count() > first.indexes.fragment_count()
 
         # Another model version: rebuilt. A corrupt manifest: rebuilt, not a crash.
         other = make_engine(tiny_checkpoints, tiny_extractor, tmp_path, tiny_checkpoints.other_scan)
-        assert other.start(session) == {"fragments": "rebuilt", "phrases": "rebuilt"}
+        assert other.indexes.start(session) == {"fragments": "rebuilt", "phrases": "rebuilt"}
         (tmp_path / "index" / "phrases" / "manifest.json").write_text("{")
         fourth = make_engine(tiny_checkpoints, tiny_extractor, tmp_path, tiny_checkpoints.other_scan)
-        assert fourth.start(session) == {"fragments": "loaded", "phrases": "rebuilt"}
+        assert fourth.indexes.start(session) == {"fragments": "loaded", "phrases": "rebuilt"}
         manifest = json.loads((tmp_path / "index" / "phrases" / "manifest.json").read_text())
         assert manifest["model_version"] == fourth.model_version
     database.dispose()
@@ -232,18 +235,19 @@ def test_saved_indexes_load_and_stale_ones_rebuild(db_url, tiny_checkpoints, tin
 def test_ingest_and_delete_update_the_indexes_without_rebuild(loaded, tiny_checkpoints,
                                                               tiny_extractor, tmp_path, monkeypatch):
     engine, session = loaded
-    fragments, phrases = engine.fragment_count(), engine.phrase_count()
+    fragments, phrases = engine.indexes.fragment_count(), engine.indexes.phrase_count()
 
     def no_rebuild(*args, **kwargs):
         raise AssertionError("an update must not rebuild the index")
 
-    monkeypatch.setattr(engine, "rebuild", no_rebuild)
-    result = ingest_artwork(session, engine_or_extractor=engine, store=engine.store,
+    monkeypatch.setattr(engine.indexes, "rebuild", no_rebuild)
+    result = ingest_artwork(session, extractor=engine.extractor, store=engine.store,
+                            indexes=engine.indexes, image_dir=engine.image_dir,
                             external_id="statue-5", image_bytes=image_bytes(500),
                             title="Statue", captions=["A stone statue of a standing figure."])
-    assert engine.fragment_count() == fragments + result.fragments
-    assert engine.phrase_count() > phrases
-    n = engine.fragment_count()
+    assert engine.indexes.fragment_count() == fragments + result.fragments
+    assert engine.indexes.phrase_count() > phrases
+    n = engine.indexes.fragment_count()
     for query in ("stone statue", "gold birds"):
         hits = engine.search_text(session, query, k=n, limit=n)
         assert [h.fragment_id for h in hits] == [i for i, _ in exhaustive_search(engine, session, query)]
@@ -251,19 +255,20 @@ def test_ingest_and_delete_update_the_indexes_without_rebuild(loaded, tiny_check
 
     # The saved indexes already reflect the change: a restart loads them.
     restarted = make_engine(tiny_checkpoints, tiny_extractor, tmp_path)
-    assert restarted.start(session) == {"fragments": "loaded", "phrases": "loaded"}
+    assert restarted.indexes.start(session) == {"fragments": "loaded", "phrases": "loaded"}
 
-    assert delete_artwork(session, engine=engine, external_id="statue-5")
-    assert (engine.fragment_count(), engine.phrase_count()) == (fragments, phrases)
+    assert delete_artwork(session, external_id="statue-5", indexes=engine.indexes)
+    assert (engine.indexes.fragment_count(), engine.indexes.phrase_count()) == (fragments, phrases)
     assert "statue-5" not in {h.external_id for h in engine.search_text(session, "statue", k=n, limit=n)}
-    replaced = ingest_artwork(session, engine_or_extractor=engine, store=engine.store,
+    replaced = ingest_artwork(session, extractor=engine.extractor, store=engine.store,
+                            indexes=engine.indexes, image_dir=engine.image_dir,
                               external_id="dragon-2", image_bytes=image_bytes(600),
                               title="Dragon", captions=["A green dragon."])
     assert replaced.status == "replaced"
-    assert engine.fragment_count() == len(session.scalars(select(Fragment.id)).all())
-    assert engine.phrase_count() == len(session.scalars(select(Phrase.id)).all())
+    assert engine.indexes.fragment_count() == len(session.scalars(select(Fragment.id)).all())
+    assert engine.indexes.phrase_count() == len(session.scalars(select(Phrase.id)).all())
     restarted = make_engine(tiny_checkpoints, tiny_extractor, tmp_path)
-    assert restarted.start(session) == {"fragments": "loaded", "phrases": "loaded"}
+    assert restarted.indexes.start(session) == {"fragments": "loaded", "phrases": "loaded"}
 
 
 def test_ingest_and_index_build_commands(tiny_checkpoints, tmp_path, capsys):
@@ -299,6 +304,6 @@ def test_ingest_and_index_build_commands(tiny_checkpoints, tmp_path, capsys):
                          detector_checkpoint=tiny_checkpoints.detector, data_dir=data_dir,
                          device="cpu")
     with session_factory(database)() as session:
-        assert engine.start(session) == {"fragments": "loaded", "phrases": "loaded"}
+        assert engine.indexes.start(session) == {"fragments": "loaded", "phrases": "loaded"}
         assert engine.search_text(session, "blue vase", limit=1)[0].external_id in {"vase-1", "dragon-2"}
     database.dispose()

@@ -12,7 +12,8 @@ means the same thing here as in the index), distinct text-side strings, and the 
   fragment <-> the sequence of its noun phrases read as one text.
 
 Texts are deduplicated, so two artworks sharing a caption or a phrase share one text index;
-that is what lets a batch tell "same text" from "different text" for its ignore mask.
+that is what lets a batch tell "same text" from "different text" for its ignore mask. Texts
+become word ids, and batches are padded, by :mod:`models.encoder`, as in the service.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from index.fragments import (
     fragments_of,
     iou,
 )
-from models.vocab import PAD_ID, Vocabulary, tokenize
+from models.encoder import pad_ids, stored_region_sets, text_ids, words
+from models.vocab import Vocabulary
 from training.metrics import iou_relevance
 
 if TYPE_CHECKING:
@@ -45,9 +47,6 @@ log = logging.getLogger(__name__)
 
 GRAINS = ("coarse", "fine")
 SUPERVISION = ("auto", "boxes", "weak")
-# Museum descriptions can run to hundreds of words; SCAN's cost grows with the word count,
-# so captions are cut here (titles and synthetic captions are far shorter).
-MAX_WORDS = 64
 # An annotation's box and the feature-store row pooled for it are the same box; allow for
 # float rounding of coordinates on the way through the extractor.
 SAME_BOX_IOU = 0.9
@@ -64,7 +63,7 @@ class AlignmentData:
     fragment_sources: list[str]  # "whole" | "extracted" | "annotation"
     fragment_rows: list[np.ndarray]  # global feature-store rows; rows[0] is the box's own
     texts: list[str]  # distinct captions, phrases or phrase sequences
-    text_ids: list[list[int]]  # word ids of each text (no start/end markers)
+    text_ids: list[list[int]]  # word ids of each text (models.encoder.text_ids)
     pairs: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
     # (n_pair, 2) int64 [fragment, text]: the positives
 
@@ -101,11 +100,6 @@ def open_store(collection_root: Path, features: Path | None = None) -> FeatureSt
     return FeatureStore(root)
 
 
-def encode_text(text: str, vocab: Vocabulary, max_words: int = MAX_WORDS) -> list[int]:
-    """Word ids of ``text`` through the shared tokenizer, cut to ``max_words``."""
-    return vocab.encode(tokenize(text)[:max_words])
-
-
 def resolve_supervision(artworks: list[Artwork], supervision: str) -> str:
     """"boxes" when asked, or when ``auto`` and any artwork has annotations; else "weak"."""
     if supervision not in SUPERVISION:
@@ -118,8 +112,8 @@ def resolve_supervision(artworks: list[Artwork], supervision: str) -> str:
 class _Builder:
     """Accumulates fragments, distinct texts and pairs for one split."""
 
-    def __init__(self, store: FeatureStore, vocab: Vocabulary, max_words: int):
-        self.store, self.vocab, self.max_words = store, vocab, max_words
+    def __init__(self, store: FeatureStore, vocab: Vocabulary):
+        self.store, self.vocab = store, vocab
         self.artwork_ids: list[str] = []
         self.fragment_artworks: list[int] = []
         self.fragment_boxes: list[np.ndarray] = []
@@ -129,7 +123,7 @@ class _Builder:
         self.text_ids: list[list[int]] = []
         self.text_index: dict[str, int] = {}
         self.pairs: list[tuple[int, int]] = []
-        self.skipped_texts = 0
+        self.wordless_texts = 0
 
     def artwork(self, artwork_id: str) -> tuple[int, int, list[FragmentSpec]]:
         """(artwork number, global start row, fragments_of its record)."""
@@ -152,27 +146,23 @@ class _Builder:
         self.fragment_rows.append(start + np.asarray(spec.rows, dtype=np.int64))
         return len(self.fragment_rows) - 1
 
-    def text(self, text: str) -> int | None:
-        """The text's index, adding it once; None for a text with no word tokens."""
+    def text(self, text: str) -> int:
+        """The text's index, adding it once."""
         if text in self.text_index:
             return self.text_index[text]
-        ids = encode_text(text, self.vocab, self.max_words)
-        if not ids:
-            self.skipped_texts += 1
-            return None
+        self.wordless_texts += not words(text)
         self.text_index[text] = len(self.texts)
         self.texts.append(text)
-        self.text_ids.append(ids)
+        self.text_ids.append(text_ids(self.vocab, text))
         return self.text_index[text]
 
     def pair(self, fragment: int, text: str) -> None:
-        index = self.text(text)
-        if index is not None:
-            self.pairs.append((fragment, index))
+        self.pairs.append((fragment, self.text(text)))
 
     def build(self) -> AlignmentData:
-        if self.skipped_texts:
-            log.warning("skipped %d texts without word tokens", self.skipped_texts)
+        if self.wordless_texts:
+            log.warning("%d texts have no word token; each reads as one <unk> word",
+                        self.wordless_texts)
         return AlignmentData(
             store=self.store,
             artwork_ids=self.artwork_ids,
@@ -206,8 +196,7 @@ def annotation_fragments(artwork: Artwork, specs: list[FragmentSpec]
 
 
 def alignment_data(collection: Collection, store: FeatureStore, vocab: Vocabulary, *, grain: str,
-                   split: str, supervision: str = "auto",
-                   max_words: int = MAX_WORDS) -> AlignmentData:
+                   split: str, supervision: str = "auto") -> AlignmentData:
     """The training/validation pairs of ``split`` at ``grain`` (see the module docstring)."""
     if grain not in GRAINS:
         raise ValueError(f"grain must be one of {GRAINS}, got {grain!r}")
@@ -215,7 +204,7 @@ def alignment_data(collection: Collection, store: FeatureStore, vocab: Vocabular
     if not artworks:
         raise ValueError(f"{collection.root}: the collection has no artworks in split {split!r}")
     mode = "captions" if grain == "coarse" else resolve_supervision(artworks, supervision)
-    builder = _Builder(store, vocab, max_words)
+    builder = _Builder(store, vocab)
     for artwork in artworks:
         number, start, specs = builder.artwork(artwork.id)
         whole = [spec for spec in specs if spec.source == "whole"]
@@ -242,12 +231,12 @@ def alignment_data(collection: Collection, store: FeatureStore, vocab: Vocabular
 
 
 def split_fragments(collection: Collection, store: FeatureStore, vocab: Vocabulary, *, split: str,
-                    texts: list[str], sources: tuple[str, ...] = ("whole", "extracted"),
-                    max_words: int = MAX_WORDS) -> AlignmentData:
+                    texts: list[str], sources: tuple[str, ...] = ("whole", "extracted")
+                    ) -> AlignmentData:
     """Every fragment of ``split`` whose source is in ``sources``, and the given texts, with no
     pairs: the candidate set of phrase -> fragment evaluation. Annotation boxes are left out
     by default, since retrieving the ground-truth box itself would measure nothing."""
-    builder = _Builder(store, vocab, max_words)
+    builder = _Builder(store, vocab)
     for artwork in collection.split(split):
         number, start, specs = builder.artwork(artwork.id)
         for spec in specs:
@@ -256,27 +245,6 @@ def split_fragments(collection: Collection, store: FeatureStore, vocab: Vocabula
     for text in texts:
         builder.text(text)
     return builder.build()
-
-
-def gather_regions(store: FeatureStore, rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded raw features of several region sets: ((n, r_max, D_raw) float32, (n,) lens)."""
-    lens = np.asarray([len(r) for r in rows], dtype=np.int64)
-    flat = store.features(np.concatenate(rows)) if rows else np.zeros((0, store.dim))
-    padded = np.zeros((len(rows), int(lens.max(initial=1)), flat.shape[1]), dtype=np.float32)
-    offsets = np.concatenate([[0], np.cumsum(lens)])
-    for i in range(len(rows)):
-        padded[i, :lens[i]] = flat[offsets[i]:offsets[i + 1]]
-    return torch.from_numpy(padded), torch.from_numpy(lens)
-
-
-def pad_ids(id_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded word ids: ((n, w_max) int64 PAD_ID padded, (n,) lens)."""
-    lens = torch.tensor([len(ids) for ids in id_lists], dtype=torch.int64)
-    padded = torch.full((len(id_lists), int(lens.max()) if len(id_lists) else 1), PAD_ID,
-                        dtype=torch.int64)
-    for i, ids in enumerate(id_lists):
-        padded[i, :len(ids)] = torch.tensor(ids, dtype=torch.int64)
-    return padded, lens
 
 
 @dataclass
@@ -324,7 +292,7 @@ def _draw_negatives(data: AlignmentData, negatives: NegativeFragments, fragments
         answers[:, column] = iou_relevance(
             candidates.fragment_boxes[drawn_array], candidates.fragment_artworks[drawn_array],
             data.fragment_boxes[targets], data.fragment_artworks[targets])
-    regions, lens = gather_regions(candidates.store, [candidates.fragment_rows[f] for f in drawn])
+    regions, lens = stored_region_sets(candidates.store, [candidates.fragment_rows[f] for f in drawn])
     return regions, lens, torch.from_numpy(answers)
 
 
@@ -335,7 +303,7 @@ def batch_of(data: AlignmentData, pair_numbers: np.ndarray,
     artwork, or with the same text, are not each other's negatives. With ``negatives``, the
     batch also carries negative fragments drawn for its artworks (see NegativeFragments)."""
     fragments, texts = data.pairs[pair_numbers, 0], data.pairs[pair_numbers, 1]
-    regions, region_lens = gather_regions(data.store, [data.fragment_rows[f] for f in fragments])
+    regions, region_lens = stored_region_sets(data.store, [data.fragment_rows[f] for f in fragments])
     word_ids, word_lens = pad_ids([data.text_ids[t] for t in texts])
     artworks = torch.from_numpy(data.fragment_artworks[fragments])
     texts_t = torch.from_numpy(texts)

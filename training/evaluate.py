@@ -35,19 +35,10 @@ import torch
 from tqdm import tqdm
 
 from collection.layout import Collection
-from models.scan import SCAN, load_scan, pooled
-from models.vocab import Vocabulary
+from models.encoder import Encoder
+from models.scan import load_scan, pooled
 from training import metrics
-from training.data import (
-    MAX_WORDS,
-    AlignmentData,
-    alignment_data,
-    encode_text,
-    gather_regions,
-    open_store,
-    pad_ids,
-    split_fragments,
-)
+from training.data import AlignmentData, alignment_data, open_store, split_fragments
 
 if TYPE_CHECKING:
     from index.featurestore import FeatureStore
@@ -67,17 +58,15 @@ class Scores:
 
 
 @torch.no_grad()
-def score(model: SCAN, data: AlignmentData, *, chunk: int = 256, progress: bool = True) -> Scores:
+def score(encoder: Encoder, data: AlignmentData, *, chunk: int = 256, progress: bool = True) -> Scores:
     """SCAN and pooled scores of every fragment of ``data`` against every text of ``data``.
 
     Texts are encoded once; fragments in chunks of ``chunk``, sorted by region count so that
     a chunk pads little.
     """
+    model = encoder.model
     model.eval()
-    device = next(model.parameters()).device
-    word_ids, word_lens = pad_ids(data.text_ids)
-    texts = model.encode_texts(word_ids.to(device), word_lens.to(device))  # (n_txt, w, d)
-    word_lens = word_lens.to(device)
+    texts, word_lens = encoder.ids(data.text_ids)  # (n_txt, w, d)
     text_pooled = pooled(texts, word_lens)  # (n_txt, d)
     n = len(data.fragment_rows)
     scan = torch.empty(n, len(data.texts))
@@ -86,9 +75,7 @@ def score(model: SCAN, data: AlignmentData, *, chunk: int = 256, progress: bool 
     for start in tqdm(range(0, n, chunk), desc="scoring fragments", unit="chunk",
                       disable=not progress, leave=False):
         members = order[start:start + chunk]
-        raw, lens = gather_regions(data.store, [data.fragment_rows[i] for i in members])
-        lens = lens.to(device)
-        images = model.encode_images(raw.to(device), lens)  # (c, r, d)
+        images, lens = encoder.stored(data.store, [data.fragment_rows[i] for i in members])  # (c, r, d)
         scan[members] = model.similarity(images, lens, texts, word_lens).float().cpu()
         cosine[members] = (pooled(images, lens) @ text_pooled.T).float().cpu()  # (c, n_txt)
     return Scores(scan, cosine)
@@ -131,10 +118,10 @@ def task(scores: Scores, relevant: np.ndarray, *, queries_are_rows: bool, k: int
     return result
 
 
-def evaluate_coarse(model: SCAN, collection: Collection, store: FeatureStore,
-                    vocab: Vocabulary, *, split: str, k: int) -> dict:
-    data = alignment_data(collection, store, vocab, grain="coarse", split=split)
-    scores = score(model, data)
+def evaluate_coarse(encoder: Encoder, collection: Collection, store: FeatureStore, *,
+                    split: str, k: int) -> dict:
+    data = alignment_data(collection, store, encoder.vocab, grain="coarse", split=split)
+    scores = score(encoder, data)
     relevant = data.relevance()  # (n_artwork, n_caption)
     annotation = task(scores, relevant, queries_are_rows=True, k=k)
     retrieval = task(scores, relevant, queries_are_rows=False, k=k)
@@ -157,8 +144,8 @@ def phrase_relevance(fragments: AlignmentData, phrases: list[str], boxes_of: dic
     return relevant
 
 
-def evaluate_fine(model: SCAN, collection: Collection, store: FeatureStore,
-                  vocab: Vocabulary, *, split: str, k: int) -> dict:
+def evaluate_fine(encoder: Encoder, collection: Collection, store: FeatureStore, *,
+                  split: str, k: int) -> dict:
     artworks = collection.split(split)
     annotated = [a for a in artworks if a.annotations]
     if not annotated:
@@ -175,9 +162,9 @@ def evaluate_fine(model: SCAN, collection: Collection, store: FeatureStore,
 
     # crop -> phrase: annotation fragments against every phrase of the split. alignment_data
     # and split_fragments number artworks in split order, as number_of does.
-    crops = _with_texts(alignment_data(collection, store, vocab, grain="fine", split=split,
-                                       supervision="boxes"), all_phrases, vocab)
-    crop_scores = score(model, crops)
+    crops = _with_texts(alignment_data(collection, store, encoder.vocab, grain="fine",
+                                       split=split, supervision="boxes"), all_phrases, encoder)
+    crop_scores = score(encoder, crops)
     crop_relevant = phrase_relevance(crops, crops.texts, boxes_of)
     crop_to_phrase = task(crop_scores, crop_relevant, queries_are_rows=True, k=k)
 
@@ -186,11 +173,12 @@ def evaluate_fine(model: SCAN, collection: Collection, store: FeatureStore,
     queries = list(dict.fromkeys((number_of[a.id], n.phrase) for a in annotated
                                  for n in a.annotations))
     query_phrases = list(dict.fromkeys(phrase for _, phrase in queries))
-    candidates = split_fragments(collection, store, vocab, split=split, texts=query_phrases)
+    candidates = split_fragments(collection, store, encoder.vocab, split=split,
+                                 texts=query_phrases)
     column_of = {text: i for i, text in enumerate(candidates.texts)}
     queries = [(number, phrase) for number, phrase in queries if phrase in column_of]
     columns = np.asarray([column_of[phrase] for _, phrase in queries], dtype=np.int64)
-    fragment_scores = score(model, candidates)
+    fragment_scores = score(encoder, candidates)
     fragment_relevant = phrase_relevance(candidates, candidates.texts, boxes_of)
     phrase_to_fragment = task(fragment_scores, fragment_relevant, queries_are_rows=False, k=k,
                               query_rows=columns)
@@ -207,12 +195,10 @@ def evaluate_fine(model: SCAN, collection: Collection, store: FeatureStore,
     }
 
 
-def _with_texts(data: AlignmentData, texts: list[str], vocab: Vocabulary) -> AlignmentData:
+def _with_texts(data: AlignmentData, texts: list[str], encoder: Encoder) -> AlignmentData:
     """``data`` with its texts replaced by ``texts`` (pairs dropped: relevance is by IoU)."""
-    kept = [(t, encode_text(t, vocab, MAX_WORDS)) for t in texts]
-    kept = [(t, ids) for t, ids in kept if ids]
-    data.texts = [t for t, _ in kept]
-    data.text_ids = [ids for _, ids in kept]
+    data.texts = list(texts)
+    data.text_ids = [encoder.text_ids(text) for text in texts]
     data.pairs = np.zeros((0, 2), dtype=np.int64)
     return data
 
@@ -247,55 +233,10 @@ def evaluate(checkpoint: Path, collection_root: Path, *, features: Path | None =
     collection = Collection.load(collection_root)
     store = open_store(collection.root, features)
     run = evaluate_coarse if grain == "coarse" else evaluate_fine
-    result = run(model, collection, store, vocab, split=split, k=k)
+    result = run(Encoder(model, vocab), collection, store, split=split, k=k)
     return {"checkpoint": str(checkpoint), "model_version": ckpt.sha256,
             "collection": str(collection.root), "split": split, "grain": grain,
             "k_candidates": k, "config": ckpt.config, **result}
-
-
-# The thesis's Table 4.1 rows: (label, direction, agg, bidirectional GRU).
-GRID = (
-    ("t-i LSE", "t2i", "lse", True),
-    ("t-i AVG", "t2i", "mean", True),
-    ("i-t LSE", "i2t", "lse", True),
-    ("i-t AVG", "i2t", "mean", True),
-    ("uni-GRU i-t AVG", "i2t", "mean", False),
-)
-
-
-def run_grid(checkpoint: Path, collection_root: Path, *, features: Path | None = None,
-             split: str = "test", k: int = K_CANDIDATES, epochs: int | None = None,
-             device: str = "cpu") -> dict:
-    """Train and evaluate the five Table 4.1 variants with ``checkpoint``'s other options.
-
-    Each variant's checkpoint goes to ``<checkpoint stem>-grid/<variant>.pt``; the thesis's
-    per-direction λ_softmax defaults apply (t2i 9, i2t 4).
-    """
-    from models.checkpoint import load_checkpoint
-    from training.train import TrainOptions, train
-
-    base = load_checkpoint(checkpoint, kind="scan").record or {}
-    if "options" not in base:
-        raise ValueError(f"{checkpoint}: its record holds no training options to vary")
-    folder = Path(checkpoint).parent / f"{Path(checkpoint).stem}-grid"
-    rows = []
-    for label, direction, agg, bidirectional in GRID:
-        options = dict(base["options"], collection=str(collection_root), direction=direction,
-                       agg=agg, bidirectional=bidirectional, lambda_softmax=None, resume=False,
-                       device=device, out=str(folder / f"{label.replace(' ', '-')}.pt"))
-        if features is not None:
-            options["features"] = str(features)
-        if epochs is not None:
-            options["epochs"] = epochs
-            options["lr_update"] = min(options["lr_update"], epochs)
-        log.info("grid row %s: training %s", label, options["out"])
-        trained = train(TrainOptions.from_dict(options))
-        result = evaluate(trained.checkpoint, collection_root, features=features, split=split,
-                          k=k, device=device)
-        result["label"] = label
-        result["epoch_seconds"] = [row["train_seconds"] for row in trained.history]
-        rows.append(result)
-    return {"grain": rows[0]["grain"], "split": split, "rows": rows}
 
 
 def _directions(result: dict) -> tuple[tuple[str, str], tuple[str, str]]:
@@ -304,7 +245,7 @@ def _directions(result: dict) -> tuple[tuple[str, str], tuple[str, str]]:
     return ("crop_to_phrase", "Crop -> phrase"), ("phrase_to_fragment", "Phrase -> fragment")
 
 
-def _cells(result: dict, scorer: str) -> list[str]:
+def result_cells(result: dict, scorer: str) -> list[str]:
     cells = []
     for key, _ in _directions(result):
         cells += [f"{result[key][scorer][f'r{k}']:.1f}" for k in metrics.KS]
@@ -313,7 +254,7 @@ def _cells(result: dict, scorer: str) -> list[str]:
     return cells
 
 
-def _table(header_rows: list[str], rows: list[tuple[str, list[str]]], result: dict) -> str:
+def format_table(header_rows: list[str], rows: list[tuple[str, list[str]]], result: dict) -> str:
     (_, first), (_, second) = _directions(result)
     head = ["", *[f"{first} R@{k}" for k in metrics.KS], "medr",
             *[f"{second} R@{k}" for k in metrics.KS], "medr", "rsum", *header_rows]
@@ -329,9 +270,9 @@ def format_result(result: dict) -> str:
     scorers = (("SCAN (exhaustive)", "scan"),
                (f"two-stage (K={result['k_candidates']})", "two_stage"),
                ("pooled vectors (first stage)", "pooled"))
-    rows = [(label, _cells(result, scorer)) for label, scorer in scorers]
+    rows = [(label, result_cells(result, scorer)) for label, scorer in scorers]
     lines = [f"{result['grain']} grain, split {result['split']}, {result['checkpoint']}",
-             _table([], rows, result)]
+             format_table([], rows, result)]
     for key, label in _directions(result):
         kept = result[key]["kept"]["r10"]
         lines.append(f"{label}: two-stage keeps "
@@ -345,14 +286,6 @@ def format_result(result: dict) -> str:
                      f"pooled {grounding['pooled']['r1']:.1f} (n={grounding['scan']['n']})")
     lines.append(f"counts: {result['counts']}")
     return "\n".join(lines)
-
-
-def format_grid(grid: dict) -> str:
-    """The five variants as one table, like the thesis's Table 4.1 (exhaustive SCAN)."""
-    rows = [(row["label"], [*_cells(row, "scan"), f"{row['rsum']['pooled']:.1f}",
-                            f"{np.mean(row['epoch_seconds']):.0f}"]) for row in grid["rows"]]
-    return (f"{grid['grain']} grain, split {grid['split']} (exhaustive SCAN)\n"
-            + _table(["pooled rsum", "s/epoch"], rows, grid["rows"][0]))
 
 
 def plain_json(value):

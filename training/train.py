@@ -22,6 +22,7 @@ import io
 import logging
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -33,12 +34,15 @@ from tqdm import tqdm
 
 from collection.layout import Collection
 from index.atomic import write_atomic
+from index.featurestore import FeatureStore
+from models.encoder import Encoder
 from models.scan import SCAN, ScanConfig, ScanLosses, contrastive_loss, pooled
 from training import metrics
 from training.data import (
     GRAINS,
     AlignmentData,
     Batch,
+    NegativeFragments,
     alignment_data,
     batches,
     n_batches,
@@ -127,9 +131,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def validate(model: SCAN, data: AlignmentData) -> dict[str, Any]:
+def validate(encoder: Encoder, data: AlignmentData) -> dict[str, Any]:
     """rsum and recalls of SCAN (and of the pooled vectors) on the validation pairs."""
-    scores = score(model, data, progress=False)
+    scores = score(encoder, data, progress=False)
     relevant = data.relevance()
     scan = metrics.bidirectional(scores.scan, relevant)
     pooled = metrics.bidirectional(scores.pooled, relevant)
@@ -146,24 +150,8 @@ def train(options: TrainOptions) -> TrainResult:
     collection = Collection.load(options.collection)
     store = open_store(collection.root, Path(options.features) if options.features else None)
     vocab = collection.word_vocab
-    supervision = ("captions" if options.grain == "coarse"
-                   else resolve_supervision(collection.split("train"), options.supervision))
-    mode = supervision if supervision != "captions" else "auto"
-    train_data = alignment_data(collection, store, vocab, grain=options.grain, split="train",
-                                supervision=mode)
-    val_data = alignment_data(collection, store, vocab, grain=options.grain,
-                              split=options.val_split, supervision=mode)
-    negatives = (negative_fragments(collection, store, vocab, split="train",
-                                    per_artwork=options.negatives)
-                 if supervision == "boxes" and options.negatives > 0 else None)
-    config = ScanConfig(
-        vocab_size=len(vocab), raw_dim=store.dim, embed_dim=options.embed_dim,
-        word_dim=options.word_dim, bidirectional=options.bidirectional,
-        direction=options.direction, agg=options.agg, lambda_softmax=options.lambda_softmax,
-        lambda_lse=options.lambda_lse, margin=options.margin,
-        max_violation=options.max_violation, grad_clip=options.grad_clip,
-        pooled_weight=options.pooled_weight, xattn_weight=options.xattn_weight,
-    )
+    supervision, train_data, val_data, negatives = _training_data(options, collection, store)
+    config = _scan_config(options, len(vocab), store.dim)
     device = torch.device(options.device)
     model = SCAN(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=options.lr)
@@ -183,32 +171,12 @@ def train(options: TrainOptions) -> TrainResult:
 
     for epoch in range(first_epoch, options.epochs + 1):
         started = time.perf_counter()
-        model.train()
-        # The config saved with the model keeps options.max_violation; only the loss of the
-        # warm-up epochs differs.
-        model.config.max_violation = options.max_violation and epoch > options.warmup_epochs
-        sums = {"loss": 0.0, "xattn_loss": 0.0, "pooled_loss": 0.0}
-        steps = 0
-        progress = tqdm(batches(train_data, options.batch_size, rng, negatives), unit="batch",
-                        total=n_batches(train_data, options.batch_size),
-                        desc=f"epoch {epoch}/{options.epochs}")
-        for batch in progress:
-            losses = batch_losses(model, batch, device)
-            optimizer.zero_grad(set_to_none=True)
-            losses.total.backward()
-            if options.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
-            optimizer.step()
-            steps += 1
-            for name, value in zip(sums, losses, strict=True):
-                sums[name] += float(value.detach())
-            progress.set_postfix(loss=f"{sums['loss'] / steps:.3f}")
-        row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-        row.update({name: total / max(steps, 1) for name, total in sums.items()})
+        row = _train_epoch(model, optimizer, options, epoch,
+                           batches(train_data, options.batch_size, rng, negatives),
+                           n_batches(train_data, options.batch_size), device)
         schedule.step()
-        model.config.max_violation = options.max_violation
         row["train_seconds"] = time.perf_counter() - started
-        row.update(validate(model, val_data))
+        row.update(validate(Encoder(model, vocab), val_data))
         history.append(row)
         # A vectors-only baseline is judged by its vectors: its cross attention is untrained.
         selected = row["val_pooled_rsum"] if config.xattn_weight == 0 else row["val_rsum"]
@@ -229,6 +197,62 @@ def train(options: TrainOptions) -> TrainResult:
     log.info("best epoch %d (val rsum %.1f) in %s, model version %s", best["epoch"],
              best["rsum"], paths["checkpoint"], best["version"][:12])
     return TrainResult(paths["checkpoint"], best["version"], best["epoch"], best["rsum"], history)
+
+
+def _training_data(options: TrainOptions, collection: Collection, store: FeatureStore
+                   ) -> tuple[str, AlignmentData, AlignmentData, NegativeFragments | None]:
+    """The supervision used, the training and validation pairs, and the extra negatives."""
+    vocab = collection.word_vocab
+    supervision = ("captions" if options.grain == "coarse"
+                   else resolve_supervision(collection.split("train"), options.supervision))
+    mode = supervision if supervision != "captions" else "auto"
+    train_data = alignment_data(collection, store, vocab, grain=options.grain, split="train",
+                                supervision=mode)
+    val_data = alignment_data(collection, store, vocab, grain=options.grain,
+                              split=options.val_split, supervision=mode)
+    negatives = (negative_fragments(collection, store, vocab, split="train",
+                                    per_artwork=options.negatives)
+                 if supervision == "boxes" and options.negatives > 0 else None)
+    return supervision, train_data, val_data, negatives
+
+
+def _scan_config(options: TrainOptions, vocab_size: int, raw_dim: int) -> ScanConfig:
+    return ScanConfig(
+        vocab_size=vocab_size, raw_dim=raw_dim, embed_dim=options.embed_dim,
+        word_dim=options.word_dim, bidirectional=options.bidirectional,
+        direction=options.direction, agg=options.agg, lambda_softmax=options.lambda_softmax,
+        lambda_lse=options.lambda_lse, margin=options.margin,
+        max_violation=options.max_violation, grad_clip=options.grad_clip,
+        pooled_weight=options.pooled_weight, xattn_weight=options.xattn_weight,
+    )
+
+
+def _train_epoch(model: SCAN, optimizer: torch.optim.Optimizer, options: TrainOptions,
+                 epoch: int, epoch_batches: Iterator[Batch], n_steps: int,
+                 device: torch.device) -> dict[str, Any]:
+    """One pass over the training batches; returns the epoch's row of mean losses."""
+    model.train()
+    # The config saved with the model keeps options.max_violation; only the loss of the
+    # warm-up epochs differs.
+    model.config.max_violation = options.max_violation and epoch > options.warmup_epochs
+    sums = {"loss": 0.0, "xattn_loss": 0.0, "pooled_loss": 0.0}
+    steps = 0
+    progress = tqdm(epoch_batches, unit="batch", total=n_steps, desc=f"epoch {epoch}/{options.epochs}")
+    for batch in progress:
+        losses = batch_losses(model, batch, device)
+        optimizer.zero_grad(set_to_none=True)
+        losses.total.backward()
+        if options.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
+        optimizer.step()
+        steps += 1
+        for name, value in zip(sums, losses, strict=True):
+            sums[name] += float(value.detach())
+        progress.set_postfix(loss=f"{sums['loss'] / steps:.3f}")
+    model.config.max_violation = options.max_violation
+    row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+    row.update({name: total / max(steps, 1) for name, total in sums.items()})
+    return row
 
 
 def batch_losses(model, batch: Batch, device: torch.device) -> ScanLosses:

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from pydantic import ValidationError
-from sqlalchemy.orm import Session
 
 from app.api.deps import RuntimeDep, SessionDep, content_type
 from app.api.errors import Problem, invalid_request
-from app.api.schemas import AnnotateBox, AnnotateResult, PhraseArtwork, PhraseHit
-from app.main import Runtime
-
-if TYPE_CHECKING:
-    from app.services.retrieval import PhraseHit as EnginePhraseHit
+from app.api.schemas import AnnotateBox, AnnotateResult
 
 router = APIRouter(tags=["retrieval"])
 
@@ -64,7 +59,8 @@ async def annotate(
     k = max(runtime.settings.retrieval.candidates, limit)
     if media_type == "multipart/form-data":
         image_bytes = await _uploaded_image(request)
-        hits = await runtime.pool.run(_annotate_upload, runtime, session, image_bytes,
+        hits = await runtime.pool.run(runtime.engine.annotate_upload, session, image_bytes,
+                                      max_pixels=runtime.settings.limits.max_image_pixels,
                                       k=k, limit=limit, timings=timings)
     elif media_type == "application/json":
         target = _parse_box(await request.body())
@@ -76,7 +72,7 @@ async def annotate(
                       "'image' part, or application/json {\"artwork_id\", \"box\"}")
     runtime.metrics.observe_stages(timings)
     kept = [hit for hit in hits if min_score is None or hit.score >= min_score]
-    return AnnotateResult(items=[_phrase_hit(hit) for hit in kept])
+    return AnnotateResult(items=kept)
 
 
 async def _uploaded_image(request: Request) -> bytes:
@@ -93,21 +89,3 @@ def _parse_box(body: bytes) -> AnnotateBox:
         return AnnotateBox.model_validate_json(body)
     except ValidationError as exc:
         raise invalid_request(exc.errors()) from None
-
-
-def _annotate_upload(runtime: Runtime, session: Session, image_bytes: bytes, *, k: int,
-                     limit: int, timings: dict[str, float]) -> list[EnginePhraseHit]:
-    from collection.images import load_image
-
-    with runtime.metrics.stage("decode"):
-        crop = load_image(image_bytes, max_pixels=runtime.settings.limits.max_image_pixels,
-                          name="uploaded image")
-    return runtime.engine.annotate_image(session, crop, k=k, limit=limit, timings=timings)
-
-
-def _phrase_hit(hit: EnginePhraseHit) -> PhraseHit:
-    return PhraseHit(
-        phrase_id=hit.phrase_id, phrase=hit.phrase, score=hit.score,
-        artworks=[PhraseArtwork(id=a.id, external_id=a.external_id, title=a.title)
-                  for a in hit.artworks],
-    )

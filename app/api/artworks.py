@@ -41,7 +41,7 @@ from app.api.schemas import (
     WebAnnotationTarget,
 )
 from app.db.models import Artwork
-from app.main import Runtime
+from app.runtime import Runtime
 from app.services import catalog
 
 router = APIRouter(tags=["artworks"])
@@ -126,7 +126,7 @@ async def delete_artwork(
 
     def run() -> bool:
         with runtime.write_lock:
-            return delete(session, engine=runtime.engine, external_id=external_id)
+            return delete(session, external_id=external_id, indexes=runtime.engine.indexes)
 
     if not await runtime.pool.run(run):
         raise NotFound("artwork with external_id", external_id)
@@ -318,20 +318,21 @@ def _ingest(runtime: Runtime, session: Session, item: ArtworkIn, image_bytes: by
     from app.services.ingest import decode_image, detect_regions, ingest_artwork
 
     annotations = [a.model_dump() for a in item.annotations]
-    store = runtime.engine.store
+    engine = runtime.engine
     with runtime.metrics.stage("ingest"):
         # Decoding and the detector pass, the slow parts, run outside the write lock, so
         # concurrent uploads overlap; only the store append, the rows and the index change
         # are serialised.
         image = decode_image(item.external_id, image_bytes, runtime.settings.limits.max_image_pixels)
-        record = detect_regions(runtime.engine, store, image=image, image_bytes=image_bytes,
-                                annotations=annotations)
+        record = detect_regions(engine.extractor, engine.store, image=image,
+                                image_bytes=image_bytes, annotations=annotations)
         with runtime.write_lock:
             result = ingest_artwork(
-                session, engine_or_extractor=runtime.engine, store=store,
+                session, extractor=engine.extractor, store=engine.store,
                 external_id=item.external_id, image_bytes=image_bytes, image=image,
                 title=item.title, metadata=item.metadata, captions=item.captions,
-                annotations=annotations, record=record,
+                annotations=annotations, record=record, image_dir=engine.image_dir,
+                indexes=engine.indexes,
             )
     return IngestReport(id=result.artwork_id, external_id=result.external_id, status=result.status,
                         fragments=result.fragments, phrases=result.phrases,

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.api.errors import Problem
-from app.main import Runtime
+from app.runtime import Runtime
 from app.settings import hash_api_key
 
 

@@ -10,7 +10,7 @@ from sqlalchemy import text
 
 from app.api.deps import RuntimeDep
 from app.api.schemas import Health, Readiness, ReadinessCheck
-from app.main import Runtime
+from app.runtime import Runtime
 
 router = APIRouter(tags=["operations"])
 
@@ -30,8 +30,8 @@ def readyz(runtime: RuntimeDep) -> JSONResponse:
     checks = {
         "model": _check(lambda: f"version {runtime.engine.model_version[:12]}"),
         "index": _check(
-            lambda: f"{runtime.engine.fragment_count()} fragments, "
-            f"{runtime.engine.phrase_count()} phrases"
+            lambda: f"{runtime.engine.indexes.fragment_count()} fragments, "
+            f"{runtime.engine.indexes.phrase_count()} phrases"
         ),
         "database": _check(lambda: _ping(runtime)),
     }

@@ -1,4 +1,8 @@
-"""Request and response models: the shapes in the OpenAPI document, with examples."""
+"""Request and response models: the shapes in the OpenAPI document, with examples.
+
+Hits hold the service's own hit types (:mod:`app.services.hits`), which pydantic validates
+and documents as they are: there is one definition of a phrase hit or a word's attention.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import math
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from app.services.hits import PhraseHit, WordAttention
 
 MAX_ID = 2**63 - 1  # ids are BIGINT: a larger number names nothing
 BOX_DESCRIPTION = "[x1, y1, x2, y2] in the artwork's original pixels, x1 < x2, y1 < y2"
@@ -146,16 +152,6 @@ class DeleteReport(BaseModel):
 # --- search and annotate ---------------------------------------------------------------
 
 
-class AttendedRegion(BaseModel):
-    box: Box
-    weight: float = Field(ge=0, le=1, description="share of the word's attention on this region")
-
-
-class WordAttention(BaseModel):
-    word: str
-    regions: list[AttendedRegion]
-
-
 class SearchHit(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "fragment_id": 4512, "artwork_id": 17, "external_id": "synth-000123",
@@ -189,26 +185,13 @@ class SearchPage(BaseModel):
     offset: int
 
 
-class PhraseArtwork(BaseModel):
-    id: int
-    external_id: str
-    title: str
-
-
-class PhraseHit(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{
+class AnnotateResult(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"items": [{
         "phrase_id": 88, "phrase": "two gold birds", "score": 0.64,
         "artworks": [{"id": 17, "external_id": "synth-000123", "title": "Blue porcelain vase"}],
-    }]})
+    }]}]})
 
-    phrase_id: int
-    phrase: str = Field(examples=["two gold birds"])
-    score: float
-    artworks: list[PhraseArtwork] = Field(description="artworks this phrase describes")
-
-
-class AnnotateResult(BaseModel):
-    items: list[PhraseHit]
+    items: list[PhraseHit] = Field(description="phrases, best first, with artworks they describe")
 
 
 class AnnotateBox(BaseModel):

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 from fastapi import APIRouter, Query
 
 from app.api.deps import RuntimeDep, SessionDep
 from app.api.errors import Problem
-from app.api.schemas import AttendedRegion, SearchHit, SearchPage, WordAttention
-from app.main import Runtime
-
-if TYPE_CHECKING:
-    from app.services.retrieval import FragmentHit
+from app.api.schemas import SearchHit, SearchPage
+from app.runtime import Runtime
+from app.services.hits import FragmentHit
 
 router = APIRouter(tags=["retrieval"])
 
@@ -67,12 +65,5 @@ def _hit(runtime: Runtime, hit: FragmentHit) -> SearchHit:
         crop_url=runtime.url(f"/fragments/{hit.fragment_id}/image"),
         image_url=runtime.url(f"/artworks/{hit.artwork_id}/image"),
         thumbnail_url=runtime.url(f"/artworks/{hit.artwork_id}/thumbnail"),
-        width=hit.width, height=hit.height,
-        attention=[
-            WordAttention(word=word.word, regions=[
-                AttendedRegion(box=list(region.box), weight=min(1.0, max(0.0, region.weight)))
-                for region in word.regions
-            ])
-            for word in hit.attention
-        ],
+        width=hit.width, height=hit.height, attention=hit.attention,
     )

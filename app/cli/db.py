@@ -89,7 +89,7 @@ def run_current(args: argparse.Namespace) -> int:
 
 def run_ingest(args: argparse.Namespace) -> int:
     from app.db.session import database_url
-    from app.services.ingest import ingest_collection_into
+    from app.services.collection_ingest import ingest_collection_into
     from app.settings import Settings
 
     settings = Settings()

@@ -34,10 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     from app.db.session import create_db_engine, database_url, session_factory
-    from app.services.ingest import resolve_device
-    from app.services.retrieval import Engine
+    from app.services.indexes import Indexes
     from app.settings import Settings
     from index.featurestore import FeatureStore
+    from models.checkpoint import resolve_device
+    from models.encoder import Encoder
     from models.scan import load_scan
 
     settings = Settings()
@@ -46,18 +47,17 @@ def run_build(args: argparse.Namespace) -> int:
     model, vocab, checkpoint = load_scan(args.scan_checkpoint or settings.scan_checkpoint,
                                          device=device)
     database = create_db_engine(database_url(args.database_url or settings.database_url))
-    engine = Engine(model=model, vocab=vocab, model_version=checkpoint.sha256,
-                    store=FeatureStore(data_dir / "features"), index_dir=data_dir / "index",
-                    device=device)
+    indexes = Indexes(encoder=Encoder(model, vocab), model_version=checkpoint.sha256,
+                      store=FeatureStore(data_dir / "features"), index_dir=data_dir / "index")
     try:
         with session_factory(database)() as session:
             if args.force:
-                engine.rebuild(session, progress=True)
+                indexes.rebuild(session, progress=True)
                 outcome = {"fragments": "rebuilt", "phrases": "rebuilt"}
             else:
-                outcome = engine.start(session)
+                outcome = indexes.start(session)
     finally:
         database.dispose()
-    print(f"fragments: {engine.fragment_count()} ({outcome['fragments']}), "
-          f"phrases: {engine.phrase_count()} ({outcome['phrases']}); model {engine.model_version[:12]}")
+    print(f"fragments: {indexes.fragment_count()} ({outcome['fragments']}), "
+          f"phrases: {indexes.phrase_count()} ({outcome['phrases']}); model {indexes.model_version[:12]}")
     return 0

@@ -121,7 +121,7 @@ def prepare_demo(*, collection: Path, database_url: str, data_dir: Path, detecto
     only does what is missing.
     """
     from app.db.session import create_db_engine, session_factory, upgrade
-    from app.services.ingest import ingest_collection
+    from app.services.collection_ingest import ingest_collection
     from app.services.retrieval import Engine
     from collection.layout import Collection
     from index.featurestore import FeatureStore
@@ -145,12 +145,12 @@ def prepare_demo(*, collection: Path, database_url: str, data_dir: Path, detecto
         with session_factory(database)() as session:
             # The extractor alone (not the engine): one index build at the end is cheaper
             # than updating the indexes after every artwork.
-            counts = ingest_collection(session, engine_or_extractor=engine.extractor,
+            counts = ingest_collection(session, extractor=engine.extractor,
                                        store=engine.store, collection=demo)
             if counts["created"] or counts["replaced"]:
-                engine.rebuild(session, progress=True)
-        log.info("demo ready: %d fragments, %d phrases", engine.fragment_count(),
-                 engine.phrase_count())
+                engine.indexes.rebuild(session, progress=True)
+        log.info("demo ready: %d fragments, %d phrases", engine.indexes.fragment_count(),
+                 engine.indexes.phrase_count())
     finally:
         database.dispose()
 

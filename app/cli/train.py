@@ -165,7 +165,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from training.evaluate import evaluate, format_grid, format_result, run_grid
+    from training.evaluate import evaluate, format_result
+    from training.grid import format_grid, run_grid
 
     _set_threads(args.threads)
     if args.grid:

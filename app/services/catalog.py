@@ -147,7 +147,8 @@ def accept_annotation(
     LookupError for an unknown artwork, ValueError for a phrase with no words or a box off
     the image.
     """
-    from app.services.ingest import IndexChange, add_box_fragment
+    from app.services.artwork_regions import add_box_fragment
+    from app.services.indexes import IndexChange
     from collection.phrases import normalise_phrase
 
     text = normalise_phrase(phrase)
@@ -173,12 +174,13 @@ def accept_annotation(
         annotation = Annotation(artwork_id=artwork_id, phrase_id=row.id, x1=x1, y1=y1, x2=x2,
                                 y2=y2, source="curator")
         session.add(annotation)
-        add_box_fragment(session, engine=engine, artwork=artwork, box=box, change=change)
+        add_box_fragment(session, store=engine.store, extractor=engine.extractor, artwork=artwork,
+                         box=box, change=change)
         session.commit()
     except BaseException:
         session.rollback()
         raise
     if change.added_phrases or change.added_fragments:
-        engine.apply_change(session, change)
+        engine.indexes.apply_change(session, change)
     annotation.phrase = row
     return annotation

@@ -86,10 +86,41 @@ export function smallestFragmentAt(fragments, point) {
 
 // A drag shorter than this many displayed pixels is a click, not a box.
 const CLICK_SLOP_PX = 5;
+// Resize handles: drawn this big, and grabbed within this distance (displayed pixels), so a
+// finger on a phone can take them as well as a mouse.
+const HANDLE_RADIUS_PX = 6;
+const HANDLE_GRAB_PX = 14;
+// Each handle names the edges it moves: west, east, north, south.
+const HANDLES = {
+  nw: "wn", n: "n", ne: "en", e: "e", se: "es", s: "s", sw: "ws", w: "w",
+};
+const HANDLE_CURSORS = {
+  nw: "nwse-resize", se: "nwse-resize", ne: "nesw-resize", sw: "nesw-resize",
+  n: "ns-resize", s: "ns-resize", e: "ew-resize", w: "ew-resize",
+};
+
+/** Where handle `name` sits on `box`, in original pixels. */
+function handlePoint([x1, y1, x2, y2], name) {
+  const edges = HANDLES[name];
+  const x = edges.includes("w") ? x1 : edges.includes("e") ? x2 : (x1 + x2) / 2;
+  const y = edges.includes("n") ? y1 : edges.includes("s") ? y2 : (y1 + y2) / 2;
+  return [x, y];
+}
+
+/** `box` with the edges of handle `name` moved to `point`, never inverted or empty. */
+function resizeBox([x1, y1, x2, y2], name, [x, y]) {
+  const edges = HANDLES[name];
+  if (edges.includes("w")) x1 = Math.min(x, x2 - 1);
+  if (edges.includes("e")) x2 = Math.max(x, x1 + 1);
+  if (edges.includes("n")) y1 = Math.min(y, y2 - 1);
+  if (edges.includes("s")) y2 = Math.max(y, y1 + 1);
+  return [x1, y1, x2, y2].map(Math.round);
+}
 
 /**
- * Lets the user draw one box on a figure, with the pointer or the keyboard.
- * onBox(box): a box was drawn or confirmed with Enter.
+ * Lets the user draw one box on a figure, with the pointer or the keyboard, and resize it by
+ * its eight handles (mouse, touch or pen).
+ * onBox(box): a box was drawn, resized, or confirmed with Enter.
  * onClick(point): a click without a drag (to pick a fragment there).
  * onClear(): Escape removed the box.
  */
@@ -99,6 +130,7 @@ export class BoxEditor {
     this.callbacks = { onBox, onClick, onClear };
     this.box = null;
     this.start = null;
+    this.resizing = null; // the handle being dragged
     const target = figure.element;
     target.addEventListener("pointerdown", (event) => this.pointerDown(event));
     target.addEventListener("pointermove", (event) => this.pointerMove(event));
@@ -106,27 +138,71 @@ export class BoxEditor {
     target.addEventListener("pointercancel", () => this.cancelDrag());
   }
 
-  /** Shows `box` as the selection (null hides it). */
+  /** Original pixels per displayed pixel (1 before the image is laid out). */
+  scale() {
+    const shown = this.figure.image.getBoundingClientRect().width;
+    return shown > 0 ? this.figure.width / shown : 1;
+  }
+
+  /** Shows `box` as the selection with its resize handles (null hides it). */
   setBox(box) {
     this.box = box;
     this.figure.clear("selection");
-    if (box) this.figure.drawBox("selection", box, { className: "selection" });
+    if (!box) return;
+    this.figure.drawBox("selection", box, { className: "selection" });
+    const radius = HANDLE_RADIUS_PX * this.scale();
+    for (const name of Object.keys(HANDLES)) {
+      const [cx, cy] = handlePoint(box, name);
+      const handle = svgEl("circle", { cx, cy, r: radius, class: "handle", "data-handle": name });
+      this.figure.layer("selection").append(handle);
+    }
+  }
+
+  /** The handle of the selection within grabbing distance of `point`, or null. */
+  handleAt(point) {
+    if (!this.box) return null;
+    const reach = HANDLE_GRAB_PX * this.scale();
+    let best = null;
+    let bestDistance = reach;
+    for (const name of Object.keys(HANDLES)) {
+      const [hx, hy] = handlePoint(this.box, name);
+      const distance = Math.hypot(point[0] - hx, point[1] - hy);
+      if (distance <= bestDistance) [best, bestDistance] = [name, distance];
+    }
+    return best;
   }
 
   pointerDown(event) {
     if (event.button !== 0) return;
     event.preventDefault(); // no image drag, no text selection
     this.figure.element.setPointerCapture(event.pointerId);
-    this.start = this.figure.pointAt(event);
+    const point = this.figure.pointAt(event);
+    this.resizing = this.handleAt(point);
+    if (this.resizing) return;
+    this.start = point;
     this.startClient = [event.clientX, event.clientY];
   }
 
   pointerMove(event) {
-    if (!this.start) return;
-    this.setBox(boxFromPoints(this.start, this.figure.pointAt(event)));
+    const point = this.figure.pointAt(event);
+    if (this.resizing) {
+      this.setBox(resizeBox(this.box, this.resizing, point));
+      return;
+    }
+    if (!this.start) {
+      const hovered = this.handleAt(point);
+      this.figure.element.style.cursor = hovered ? HANDLE_CURSORS[hovered] : "";
+      return;
+    }
+    this.setBox(boxFromPoints(this.start, point));
   }
 
   pointerUp(event) {
+    if (this.resizing) {
+      this.resizing = null;
+      this.callbacks.onBox(this.box);
+      return;
+    }
     if (!this.start) return;
     const moved = Math.hypot(event.clientX - this.startClient[0], event.clientY - this.startClient[1]);
     const end = this.figure.pointAt(event);
@@ -144,11 +220,13 @@ export class BoxEditor {
 
   cancelDrag() {
     this.start = null;
+    this.resizing = null;
   }
 
   /**
    * Keyboard editing while the figure has focus: Enter places a box in the middle (or asks
-   * for the box shown), arrows move it, Shift+arrows resize it, Escape clears it.
+   * for the box shown), arrows move it, Shift+arrows move its bottom-right corner,
+   * Ctrl+arrows its top-left corner, Escape clears it.
    * Returns true when the key was used.
    */
   handleKey(event) {
@@ -176,6 +254,9 @@ export class BoxEditor {
     if (event.shiftKey) {
       x2 = clamp(x2 + dx, x1 + 1, width);
       y2 = clamp(y2 + dy, y1 + 1, height);
+    } else if (event.ctrlKey) {
+      x1 = clamp(x1 + dx, 0, x2 - 1);
+      y1 = clamp(y1 + dy, 0, y2 - 1);
     } else {
       const moveX = clamp(dx, -x1, width - x2);
       const moveY = clamp(dy, -y1, height - y2);
