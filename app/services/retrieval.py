@@ -32,6 +32,7 @@ from app.services.indexes import Indexes, end_read
 from app.services.uploads import decode_upload
 from index.featurestore import FeatureStore
 from index.fragments import GIVEN
+from index.vectors import DEFAULT_MEMORY_BUDGET
 from models.encoder import Encoder, pooled_numpy, words
 
 if TYPE_CHECKING:
@@ -59,10 +60,11 @@ class Engine:
     def load(
         cls, *, database: DatabaseEngine, scan_checkpoint: str | Path,
         detector_checkpoint: str | Path | None, data_dir: str | Path, device: str = "auto",
-        rebuild: bool = False,
+        rebuild: bool = False, memory_budget: int = DEFAULT_MEMORY_BUDGET,
     ) -> Engine:
         """Load the checkpoints and the feature store under ``data_dir``, then the indexes
-        (rebuilt when stale, or always with ``rebuild``)."""
+        (rebuilt when stale, or always with ``rebuild``; of the kind ``memory_budget`` bytes
+        allow)."""
         from app.db.session import session_factory
         from models.checkpoint import resolve_device
         from models.regions import RegionExtractor
@@ -76,7 +78,7 @@ class Engine:
         store = FeatureStore(data_dir / "features",
                              extractor=extractor.version if extractor is not None else None)
         indexes = Indexes(encoder=Encoder(model, vocab), model_version=checkpoint.sha256,
-                          store=store, index_dir=data_dir / "index")
+                          store=store, index_dir=data_dir / "index", memory_budget=memory_budget)
         with session_factory(database)() as session:
             indexes.start(session, rebuild=rebuild)
         return cls(indexes=indexes, extractor=extractor, image_dir=data_dir / "images")
