@@ -12,7 +12,9 @@ compact detector), then, measured as the median of ``--repeats`` tries:
   append    that writer's ``append`` (one shard, one log line, fsynced)
   read      ``features(rows)`` of 1,000 random rows, in a store opened afresh (maps shards)
 
-then ``compact()`` (timed once) and the same four again. Prints a table and JSON.
+then ``compact()`` (timed once) and the same four again; and, as the floor, the same four
+in a store that got the same records in appends of 1,000 (as batch extraction writes): what
+the keys alone cost. Prints a table and JSON.
 """
 
 from __future__ import annotations
@@ -97,8 +99,14 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
             FeatureStore(root).compact()
             compact_seconds = time.perf_counter() - started
             after = measure(root, options, record, options.repeats)
+            batched_root = Path(folder) / "batched"
+            batched = FeatureStore(batched_root)
+            for start in range(0, count, 1000):
+                batched.append_many((f"artwork-{number}", record)
+                                    for number in range(start, min(count, start + 1000)))
+            floor = measure(batched_root, options, record, 0)
             results.append({"written": count, "rows": len(store), "before": before, "after": after,
-                            "compact_seconds": round(compact_seconds, 2)})
+                            "batched": floor, "compact_seconds": round(compact_seconds, 2)})
             log.info("%s", results[-1])
     return {"benchmark": "store", "rows_per_record": options.rows, "dim": options.dim,
             "repeats": options.repeats, "results": results}
@@ -110,7 +118,7 @@ def format_table(report: dict[str, Any]) -> str:
              f"{'written':>8} {'':<7} {'shards':>7} {'open ms':>9} {'refresh ms':>11} "
              f"{'append ms':>10} {'read ms':>8} {'compact s':>10}"]
     for result in report["results"]:
-        for when in ("before", "after"):
+        for when in ("before", "after", "batched"):
             m = result[when]
             compact = f"{result['compact_seconds']:>10.2f}" if when == "after" else ""
             lines.append(f"{result['written']:>8,} {when:<7} {m['shards']:>7,} {m['open_ms']:>9.2f} "
