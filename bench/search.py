@@ -28,7 +28,8 @@ For each query:
 
 Reported per index kind: build seconds (k-means training plus adding, one thread; the
 pooled vectors are computed once beforehand and kept as float16 in a scratch file), index memory
-(the saved FAISS file, which is what a replica holds), save seconds; per kind, nprobe and K:
+(the saved FAISS file, which is what a replica holds), save seconds, update ms (remove and
+re-add one artwork's 37 fragments, as an upload does before the save); per kind, nprobe and K:
 median and p95 latency per query (FAISS search + rebuilding the K region sets + the rerank),
 and overlap@10: |two-stage top 10 ∩ exhaustive top 10| / 10, averaged over the queries.
 Prints a table and JSON.
@@ -243,6 +244,7 @@ def build_index(vectors: np.ndarray, kind: str, options: argparse.Namespace,
         started = time.perf_counter()
         index.add(rows, chunk)
         build_seconds += time.perf_counter() - started
+    update_ms = _update_ms(index, vectors)
     started = time.perf_counter()
     manifest = index.save(folder / kind, model_version="bench", state={})
     save_seconds = time.perf_counter() - started
@@ -251,7 +253,25 @@ def build_index(vectors: np.ndarray, kind: str, options: argparse.Namespace,
         path.unlink()
     return index, {"kind": kind, "nlist": plan.nlist, "pq_bytes": plan.pq_bytes,
                    "build_seconds": round(build_seconds, 1), "save_seconds": round(save_seconds, 2),
+                   "update_ms": update_ms,
                    "memory_bytes": memory, "bytes_per_vector": round(memory / n, 1)}
+
+
+def _update_ms(index: Any, vectors: np.ndarray, repeats: int = 5) -> float:
+    """Median ms to replace one artwork's 37 fragments (remove their ids, add them again):
+    what an upload or a re-ingest costs the index, before it is saved."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    times = []
+    for _ in range(repeats):
+        rows = np.sort(rng.choice(len(vectors), size=37, replace=False))
+        chunk = np.asarray(vectors[rows], dtype=np.float32)
+        started = time.perf_counter()
+        index.remove(rows)
+        index.add(rows, chunk)
+        times.append(time.perf_counter() - started)
+    return round(statistics.median(times) * 1000, 2)
 
 
 def two_stage(data: dict[str, Any], index: Any, k: int, truth: list[list[int]]) -> dict[str, Any]:
@@ -330,11 +350,12 @@ def format_table(report: dict[str, Any]) -> str:
         f"search: {report['fragments']:,} fragments (d={report['dim']}, <= {report['max_regions']} "
         f"regions), {report['queries']} queries, {report['machine']['threads']} thread(s); "
         f"truth: {report['truth']} ({report['truth_seconds']} s for all queries)",
-        f"{'index':<8} {'nlist':>6} {'PQ B':>5} {'build s':>8} {'save s':>7} {'memory MB':>10} {'B/vector':>9}",
+        f"{'index':<8} {'nlist':>6} {'PQ B':>5} {'build s':>8} {'save s':>7} {'update ms':>10} "
+        f"{'memory MB':>10} {'B/vector':>9}",
     ]
     for i in report["indexes"]:
         lines.append(f"{i['kind']:<8} {i['nlist'] or '-':>6} {i['pq_bytes'] or '-':>5} "
-                     f"{i['build_seconds']:>8.1f} {i['save_seconds']:>7.2f} "
+                     f"{i['build_seconds']:>8.1f} {i['save_seconds']:>7.2f} {i['update_ms']:>10.2f} "
                      f"{i['memory_bytes'] / 1e6:>10.1f} {i['bytes_per_vector']:>9.1f}")
     lines.append(f"{'method':<11} {'nprobe':>6} {'K':>10} {'median ms':>10} {'p95 ms':>9} {'overlap@10':>11}")
     for m in report["methods"]:
