@@ -54,7 +54,8 @@ if TYPE_CHECKING:  # numpy and torch load inside the functions: `artalign --help
 
 log = logging.getLogger(__name__)
 TOP = 10
-CHUNK = 16_384  # fragments materialised at once (CHUNK · regions · d floats)
+CHUNK = 2048  # fragments materialised at once: small enough to stay in the CPU's caches
+ADD_CHUNK = 262_144  # vectors per add: each add first scans every list for the ids it replaces
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -238,8 +239,8 @@ def build_index(vectors: np.ndarray, kind: str, options: argparse.Namespace,
         started = time.perf_counter()
         index.train(sample, seed=options.seed)
         build_seconds += time.perf_counter() - started
-    for start in tqdm(range(0, n, 4 * CHUNK), desc=f"adding to {kind}", unit="chunk"):
-        rows = np.arange(start, min(n, start + 4 * CHUNK))
+    for start in tqdm(range(0, n, ADD_CHUNK), desc=f"adding to {kind}", unit="chunk"):
+        rows = np.arange(start, min(n, start + ADD_CHUNK))
         chunk = np.asarray(vectors[start:start + len(rows)], dtype=np.float32)
         started = time.perf_counter()
         index.add(rows, chunk)
