@@ -40,9 +40,9 @@ import shutil
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +56,7 @@ READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 LOG = "manifest.log"
 CHECKPOINT_EVERY = 256  # shards recorded in the log before it is folded into the manifest
+RECENT_KEYS = 4096  # keys appended since the last whole read, before they join the rest
 COMPACT_ROWS = 65_536  # rows of a merged shard: 64 MiB of features at D_raw 512
 SHARD_NAME = re.compile(r"shard-(\d+)(?:-(\d+))?")  # shard-<first>[-<last>] append numbers
 ARRAYS = ("features", "boxes", "scores", "kinds")
@@ -80,19 +81,33 @@ def open_shard_limit() -> int:
 @dataclass(frozen=True)
 class _View:
     """One consistent reading of the manifest: shards, total rows, key -> (start, count),
-    and each shard's first global row."""
+    and each shard's first global row. The keys are two dicts, those of the last whole read
+    and those appended since, so that an append copies only the short one."""
 
     shards: tuple[dict, ...]
     rows: int
     index: dict[str, tuple[int, int]]
     starts: np.ndarray
+    recent: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def span(self, key: str) -> tuple[int, int] | None:
+        return self.recent.get(key) or self.index.get(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.recent or key in self.index
+
+    def keys(self) -> list[str]:
+        return [*self.index, *self.recent]
 
     def with_shard(self, shard: dict) -> _View:
         """This view plus one appended shard (a new view; this one is left as it is)."""
-        index = dict(self.index)
-        index.update((key, (int(start), int(count))) for key, (start, count) in shard["keys"].items())
+        recent = {**self.recent, **{key: (int(start), int(count))
+                                    for key, (start, count) in shard["keys"].items()}}
+        index = self.index
+        if len(recent) > RECENT_KEYS:  # one copy of every key per RECENT_KEYS appended
+            index, recent = {**index, **recent}, {}
         return _View((*self.shards, shard), self.rows + int(shard["rows"]), index,
-                     np.append(self.starts, self.rows))
+                     np.append(self.starts, self.rows), recent)
 
 
 class FeatureStoreError(ValueError):
@@ -188,31 +203,31 @@ class FeatureStore:
         return self._view.rows
 
     def __contains__(self, key: object) -> bool:
-        return key in self._view.index
+        return key in self._view
 
     def has(self, key: str) -> bool:
-        return key in self._view.index
+        return key in self._view
 
     def keys(self) -> list[str]:
         """Every key, in append order."""
-        return list(self._view.index)
+        return self._view.keys()
 
     def rows_of(self, key: str) -> tuple[int, int]:
         """(global start row, row count) of ``key``."""
-        try:
-            return self._view.index[key]
-        except KeyError:
-            raise KeyError(f"{key!r} is not in the feature store {self.root}") from None
+        span = self._view.span(key)
+        if span is None:
+            raise KeyError(f"{key!r} is not in the feature store {self.root}")
+        return span
 
     def get(self, key: str) -> RegionRecord:
         """The record of ``key``; its features are a float16 memory-mapped view."""
         return self._reading(lambda view: self._get(view, key))
 
     def _get(self, view: _View, key: str) -> RegionRecord:
-        try:
-            start, count = view.index[key]
-        except KeyError:
-            raise KeyError(f"{key!r} is not in the feature store {self.root}") from None
+        span = view.span(key)
+        if span is None:
+            raise KeyError(f"{key!r} is not in the feature store {self.root}")
+        start, count = span
         shard = int(np.searchsorted(view.starts, start, side="right") - 1)
         arrays = self._open_shard(view.shards[shard])
         local = slice(start - int(view.starts[shard]), start - int(view.starts[shard]) + count)
@@ -282,7 +297,7 @@ class FeatureStore:
                 shard = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise FeatureStoreError(f"{self._log_path}: a line is not JSON ({exc})") from exc
-            self._check_shard_entry(len(view.shards), shard, view.rows, view.index)
+            self._check_shard_entry(len(view.shards), shard, view.rows, view)
             view = view.with_shard(shard)
             self._logged += 1
         self._log_read += len(whole)
@@ -323,7 +338,7 @@ class FeatureStore:
         for key, record in items:
             if not isinstance(key, str) or not key:
                 raise FeatureStoreError(f"feature store keys are non-empty strings, got {key!r}")
-            if key in self._view.index:
+            if key in self._view:
                 raise FeatureStoreError(
                     f"key {key!r} is already in the feature store {self.root}; "
                     "a key is stored once (skip keys that are present to resume)"
@@ -560,7 +575,7 @@ class FeatureStore:
                 raise FeatureStoreError(f"{self._log_path}: line {number} is not JSON ({exc})") from exc
         return entries
 
-    def _check_shard_entry(self, number: int, shard: object, start: int, index: dict) -> None:
+    def _check_shard_entry(self, number: int, shard: object, start: int, index: Container[str]) -> None:
         where = f"{self._manifest_path}: shards[{number}]"
         if not isinstance(shard, dict) or not {"name", "rows", "keys"} <= shard.keys():
             raise FeatureStoreError(f"{where} must have fields name, rows and keys")

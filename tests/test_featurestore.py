@@ -441,3 +441,17 @@ def test_refresh_reads_only_the_new_log_lines(tmp_path, monkeypatch):
     assert reader.refresh() is False and len(reader.keys()) == 8
     np.testing.assert_array_equal(reader.features(np.arange(len(reader))),
                                   writer.features(np.arange(len(writer))))
+
+
+def test_an_append_copies_only_the_recent_keys_and_all_stay_in_order(tmp_path, monkeypatch):
+    monkeypatch.setattr(featurestore, "RECENT_KEYS", 3)
+    store = FeatureStore(tmp_path)
+    records = fill(store, 10)
+    assert len(store._view.recent) <= 3  # the older keys joined the rest
+    assert store.keys() == list(records) == FeatureStore(tmp_path).keys()
+    start = 0
+    for key, record in records.items():
+        assert store.rows_of(key) == (start, len(record)) and key in store
+        start += len(record)
+    with pytest.raises(FeatureStoreError, match="already in the feature store"):
+        store.append("k9", make_record(1, 1))
