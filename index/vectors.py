@@ -97,10 +97,10 @@ class IndexPlan:
     pq_bytes: int | None = None
 
     def bytes_for(self, count: int, dim: int) -> int:
-        """Memory of ``count`` vectors: codes, ids (8 B; 16 B in the flat index's id map)
-        and the coarse centroids."""
-        per_vector = {"flat": 4 * dim + 16, "ivf": 4 * dim + 8, "ivf-sq8": dim + 8,
-                      "ivf-pq": (self.pq_bytes or 0) + 8}[self.kind]
+        """Memory of ``count`` vectors: codes, ids (8 B; 16 B in the flat index's id map,
+        8 + ~40 B in an IVF index's id -> list hash table) and the coarse centroids."""
+        per_vector = {"flat": 4 * dim + 16, "ivf": 4 * dim + 48, "ivf-sq8": dim + 48,
+                      "ivf-pq": (self.pq_bytes or 0) + 48}[self.kind]
         return count * per_vector + 4 * dim * (self.nlist or 0)
 
 
@@ -189,6 +189,7 @@ class VectorIndex:
         factory = FACTORY[plan.kind].format(nlist=plan.nlist, pq=plan.pq_bytes)
         self._index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
         self._set_nprobe()
+        self._map_ids()
         self._init_search_state(use_gpu)
 
     @property
@@ -215,6 +216,19 @@ class VectorIndex:
     def _set_nprobe(self) -> None:
         if self.kind != "flat":
             faiss.extract_index_ivf(self._index).nprobe = self.nprobe
+
+    def _map_ids(self) -> None:
+        """Give an IVF index a hash table id -> (list, offset), so that removing an
+        artwork's ids costs the same at any size (without it FAISS scans every list: 28 ms
+        per removal at 10M vectors, twice per upload)."""
+        if self.kind != "flat":
+            ivf = faiss.extract_index_ivf(self._index)
+            if ivf.direct_map.type != faiss.DirectMap.Hashtable:
+                ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+
+    def _selector(self, ids: np.ndarray) -> Any:
+        """The ids to remove, as the index's id map takes them (a hash table: a plain array)."""
+        return faiss.IDSelectorArray(ids) if self.kind != "flat" else faiss.IDSelectorBatch(ids)
 
     def _init_search_state(self, use_gpu: bool | None) -> None:
         """The locks and the GPU copy, shared by a new index and a loaded one."""
@@ -277,7 +291,7 @@ class VectorIndex:
         if not len(ids):
             return
         with self._lock.writing():
-            self._index.remove_ids(faiss.IDSelectorBatch(ids))
+            self._index.remove_ids(self._selector(ids))
             self._index.add_with_ids(vectors, ids)
             self._gpu_index = None
 
@@ -287,7 +301,7 @@ class VectorIndex:
         if not len(ids):
             return 0
         with self._lock.writing():
-            removed = int(self._index.remove_ids(faiss.IDSelectorBatch(ids)))
+            removed = int(self._index.remove_ids(self._selector(ids)))
             self._gpu_index = None
         return removed
 
@@ -389,6 +403,7 @@ class VectorIndex:
         index.plan = IndexPlan(manifest["kind"], nlist, nprobe, manifest.get("pq_bytes"))
         index._index = faiss_index
         index._set_nprobe()
+        index._map_ids()  # version 1 IVF indexes were saved without one
         index._init_search_state(use_gpu)
         return index
 
