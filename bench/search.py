@@ -21,8 +21,9 @@ For each query:
                the queries (amortised, so lower than one query alone would take).
                With ``--truth-candidates N`` the truth is instead the top 10 by SCAN over
                the query's exact top N by pooled cosine (flat search over every fragment):
-               at 100k fragments and N = 10,000 it equals the exhaustive top 10 for all 50
-               queries (docs/SCALING.md), and it takes seconds at 10M.
+               ``--compare-truth`` computes both and reports how far they agree (measured
+               in docs/SCALING.md). The pooled one takes seconds at 10M fragments, where
+               the exhaustive one would take hours on one thread.
   two-stage    pooled query vector -> FAISS top-K of the index kind, probing nprobe lists ->
                rebuild those K region sets -> ``xattn_similarity`` on them -> top 10.
 
@@ -79,6 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="0: the truth is exhaustive SCAN over every fragment; N: SCAN over "
                              "each query's exact pooled top N (for 10M fragments, where "
                              "exhaustive SCAN takes hours on one thread) (default %(default)s)")
+    parser.add_argument("--compare-truth", action="store_true",
+                        help="compute the exhaustive truth and also the --truth-candidates one, "
+                             "and report how far they agree")
     parser.add_argument("--dir", type=Path, default=None,
                         help="scratch folder for the pooled vectors (float16, n·d·2 bytes) and "
                              "the saved indexes (default the system's temp folder)")
@@ -306,14 +310,8 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(dir=options.dir) as scratch:
         folder = Path(scratch)
         vectors, candidates = pooled_pass(data, folder, options.truth_candidates)
-        started = time.perf_counter()
-        truth = pooled_truth(data, candidates) if options.truth_candidates else exhaustive_truth(data)
-        truth_seconds = time.perf_counter() - started
-        methods = []
-        if not options.truth_candidates:
-            methods.append({"method": "exhaustive", "nprobe": None, "k": options.fragments,
-                            "median_ms": round(truth_seconds / options.queries * 1000, 2),
-                            "p95_ms": None, "overlap@10": 1.0})
+        truth = ground_truth(data, candidates, options)
+        methods = [truth.pop("method")] if "method" in truth else []
         indexes = []
         for kind in options.kinds:
             index, built = build_index(vectors, kind, options, folder)
@@ -323,21 +321,44 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
                 if nprobe is not None:
                     index.set_nprobe(nprobe)
                 for k in options.k:
-                    methods.append({"method": kind, "nprobe": nprobe, **two_stage(data, index, k, truth)})
+                    methods.append({"method": kind, "nprobe": nprobe,
+                                    **two_stage(data, index, k, truth["rows"])})
                     log.info("%s", methods[-1])
             del index
         del vectors
+    del truth["rows"]
     return {
         "benchmark": "search",
         "fragments": options.fragments, "queries": options.queries, "dim": options.dim,
         "max_regions": options.max_regions, "concepts": options.concepts, "noise": options.noise,
-        "truth": (f"SCAN over each query's exact pooled top {options.truth_candidates:,}"
-                  if options.truth_candidates else "exhaustive SCAN over every fragment"),
-        "truth_seconds": round(truth_seconds, 1), "indexes": indexes,
+        **truth, "truth_candidates": options.truth_candidates, "indexes": indexes,
         "machine": {"python": platform.python_version(), "threads": options.threads,
                     "processor": platform.processor() or platform.machine()},
         "methods": methods,
     }
+
+
+def ground_truth(data: dict[str, Any], candidates: np.ndarray, options: argparse.Namespace) -> dict:
+    """Each query's true top 10 ("rows"), how it was found and how long that took; with
+    ``--compare-truth`` the exhaustive one, and how far the pooled-candidate one agrees."""
+    import numpy as np
+
+    started = time.perf_counter()
+    exhaustive = options.compare_truth or not options.truth_candidates
+    rows = exhaustive_truth(data) if exhaustive else pooled_truth(data, candidates)
+    seconds = time.perf_counter() - started
+    truth = {"truth": "exhaustive SCAN over every fragment" if exhaustive else
+             f"SCAN over each query's exact pooled top {options.truth_candidates:,}",
+             "truth_seconds": round(seconds, 1), "rows": rows}
+    if exhaustive:
+        truth["method"] = {"method": "exhaustive", "nprobe": None, "k": options.fragments,
+                           "median_ms": round(seconds / options.queries * 1000, 2),
+                           "p95_ms": None, "overlap@10": 1.0}
+    if options.compare_truth:
+        pooled_rows = pooled_truth(data, candidates)
+        truth["pooled_truth_agreement"] = round(float(np.mean(
+            [len(set(a) & set(b)) / TOP for a, b in zip(rows, pooled_rows, strict=True)])), 4)
+    return truth
 
 
 def _summary(seconds: list[float]) -> dict[str, float]:
@@ -350,7 +371,9 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [
         f"search: {report['fragments']:,} fragments (d={report['dim']}, <= {report['max_regions']} "
         f"regions), {report['queries']} queries, {report['machine']['threads']} thread(s); "
-        f"truth: {report['truth']} ({report['truth_seconds']} s for all queries)",
+        f"truth: {report['truth']} ({report['truth_seconds']} s for all queries)"
+        + (f"; SCAN over the pooled top {report['truth_candidates']:,} agrees on "
+           f"{report['pooled_truth_agreement']:.3f} of it" if "pooled_truth_agreement" in report else ""),
         f"{'index':<8} {'nlist':>6} {'PQ B':>5} {'build s':>8} {'save s':>7} {'update ms':>10} "
         f"{'memory MB':>10} {'B/vector':>9}",
     ]
@@ -370,8 +393,9 @@ def main(options: argparse.Namespace) -> int:
     """Run the benchmark, print the table and the JSON; write the JSON if asked."""
     from index.vectors import KINDS
 
-    if options.truth_candidates < 0:
-        raise ValueError("--truth-candidates must be 0 (exhaustive) or positive")
+    if options.truth_candidates < 0 or (options.compare_truth and not options.truth_candidates):
+        raise ValueError("--truth-candidates must be 0 (exhaustive) or positive, and positive "
+                         "with --compare-truth")
     for name in ("fragments", "queries", "dim", "concepts", "noise_bank", "threads"):
         if getattr(options, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
