@@ -455,3 +455,16 @@ def test_an_append_copies_only_the_recent_keys_and_all_stay_in_order(tmp_path, m
         start += len(record)
     with pytest.raises(FeatureStoreError, match="already in the feature store"):
         store.append("k9", make_record(1, 1))
+
+
+def test_store_compact_command_merges_the_service_store(tmp_path, capsys):
+    from app.cli import main
+
+    records = fill(FeatureStore(tmp_path / "features"), 12)
+    assert main(["store", "compact", "--data-dir", str(tmp_path), "--target-rows", "10"]) == 0
+    assert "12 shards -> 3, 30 rows, 12 keys" in capsys.readouterr().out
+    reopened = FeatureStore(tmp_path / "features")
+    for key, record in records.items():
+        np.testing.assert_array_equal(reopened.get(key).features, record.features.astype(np.float16))
+    assert main(["store", "compact", "--data-dir", str(tmp_path / "elsewhere")]) == 2
+    assert "no feature store here" in capsys.readouterr().err
