@@ -44,7 +44,12 @@ class Limits(BaseModel):
 class Retrieval(BaseModel):
     """The two-stage search: FAISS candidates, then the cross-attention rerank."""
 
-    candidates: int = Field(100, ge=1, le=10_000, description="K: candidates reranked by SCAN")
+    candidates: int | None = Field(
+        None, ge=1, le=10_000,
+        description="K: candidates reranked by SCAN; unset, K follows the index size as "
+        "measured (index.vectors.candidates_for: 100 below 300k vectors, then more, since "
+        "near-ties among pooled vectors multiply with the collection; docs/SCALING.md)",
+    )
     memory_budget: ByteSize = Field(
         ByteSize(4 << 30), gt=0,
         description="memory the fragment index may take (bytes, or '4GiB', '512MB'): the "

@@ -12,6 +12,7 @@ from index.vectors import (
     IndexPlan,
     VectorIndex,
     VectorIndexError,
+    candidates_for,
     ivf_params,
     plan_index,
     read_manifest,
@@ -113,6 +114,14 @@ def test_the_memory_budget_picks_the_kind():
         plan_index(count, dim, memory_budget=10 << 20)
     with pytest.raises(VectorIndexError, match="kind must be one of"):
         plan_index(count, dim, kind="hnsw")
+
+
+def test_k_grows_with_the_index_as_measured():
+    # docs/SCALING.md: overlap@10 >= 0.95 needs K 100 at 100k fragments, K 500 at 1M
+    assert candidates_for(0) == candidates_for(100_000) == 100
+    assert candidates_for(1_000_000) == 500
+    sizes = [10**e for e in range(2, 10)]
+    assert [candidates_for(n) for n in sizes] == sorted(candidates_for(n) for n in sizes)
 
 
 def test_a_version_1_manifest_still_loads(tmp_path):
