@@ -185,6 +185,7 @@ def _start(settings: Settings, metrics: Metrics) -> Runtime:
         detector_checkpoint=settings.detector_checkpoint,
         data_dir=settings.data_dir,
         device=settings.device,
+        memory_budget=int(settings.retrieval.memory_budget),
     )
     metrics.track_index("fragments", engine.indexes.fragment_count)
     metrics.track_index("phrases", engine.indexes.phrase_count)

@@ -36,6 +36,13 @@ class Runtime:
     # indexes: one writer at a time keeps the store's manifest and the indexes consistent.
     write_lock: threading.Lock
 
+    def candidates(self, index: str) -> int:
+        """K, the candidates the SCAN rerank scores from the index ``index``: the setting,
+        or when unset the measured size rule (index.vectors.candidates_for)."""
+        from index.vectors import candidates_for
+
+        return self.settings.retrieval.candidates or candidates_for(len(self.engine.indexes[index]))
+
     def url(self, path: str) -> str:
         """A URL for a path of this service, as clients should follow it."""
         return self.settings.public_url.rstrip("/") + path

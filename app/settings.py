@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ByteSize, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -44,7 +44,19 @@ class Limits(BaseModel):
 class Retrieval(BaseModel):
     """The two-stage search: FAISS candidates, then the cross-attention rerank."""
 
-    candidates: int = Field(100, ge=1, le=10_000, description="K: candidates reranked by SCAN")
+    candidates: int | None = Field(
+        None, ge=1, le=10_000,
+        description="K: candidates reranked by SCAN; unset, K follows the index size as "
+        "measured (index.vectors.candidates_for: 100 below 300k vectors, then more, since "
+        "near-ties among pooled vectors multiply with the collection; docs/SCALING.md)",
+    )
+    memory_budget: ByteSize = Field(
+        ByteSize(4 << 30), gt=0,
+        description="memory the fragment index may take (bytes, or '4GiB', '512MB'): the "
+        "index kind follows it and the collection size — exact below 50,000 vectors, then the "
+        "most precise of IVF-Flat, IVF-SQ8 (8-bit codes) and IVF-PQ that fits "
+        "(index.vectors.plan_index; docs/SCALING.md has the measured trade-offs)",
+    )
 
 
 class Settings(BaseSettings):

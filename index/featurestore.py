@@ -7,6 +7,7 @@ Layout (see docs/ARCHITECTURE.md)::
     <root>/manifest.log    the shards appended since: one {"name", "rows", "keys"} per line
     <root>/shard-000000/   features.npy (n, D) float16, boxes.npy (n, 4) float32,
                            scores.npy (n,) float32, kinds.npy (n,) int8
+    <root>/shard-000000-000255/   the same, for shards 0 to 255 merged by :meth:`compact`
 
 ``start`` in the manifest is a *global* row number: shards are numbered in append order and a
 row number never changes, so the database and the index can hold row numbers.
@@ -19,6 +20,12 @@ upload). Every ``CHECKPOINT_EVERY`` shards the log is folded into a new manifest
 complete shards: a line cut short is ignored, and an orphan shard left by a crash before its
 line was written is removed by the next append. Writers take turns through an advisory lock
 on ``<root>/.lock``. Version-1 stores (a manifest and no log) are read as they are.
+
+The service appends one small shard per upload, so shards pile up; :meth:`compact` merges
+runs of small consecutive shards into shards of about ``COMPACT_ROWS`` rows (global rows do
+not move) and swaps them in with one manifest replace, so opening the store costs what its
+keys cost, not what the number of shards ever written does. :meth:`refresh` reads only the
+log lines written since it last looked, unless the manifest itself was replaced.
 """
 
 from __future__ import annotations
@@ -27,14 +34,15 @@ import fcntl
 import json
 import logging
 import os
+import re
 import resource
 import shutil
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +56,9 @@ READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 LOG = "manifest.log"
 CHECKPOINT_EVERY = 256  # shards recorded in the log before it is folded into the manifest
+RECENT_KEYS = 4096  # keys appended since the last whole read, before they join the rest
+COMPACT_ROWS = 65_536  # rows of a merged shard: 64 MiB of features at D_raw 512
+SHARD_NAME = re.compile(r"shard-(\d+)(?:-(\d+))?")  # shard-<first>[-<last>] append numbers
 ARRAYS = ("features", "boxes", "scores", "kinds")
 # float16 holds up to 65504; features of a ReLU MLP head stay far below, but a broken
 # extractor must not silently write inf.
@@ -70,23 +81,41 @@ def open_shard_limit() -> int:
 @dataclass(frozen=True)
 class _View:
     """One consistent reading of the manifest: shards, total rows, key -> (start, count),
-    and each shard's first global row."""
+    and each shard's first global row. The keys are two dicts, those of the last whole read
+    and those appended since, so that an append copies only the short one."""
 
     shards: tuple[dict, ...]
     rows: int
     index: dict[str, tuple[int, int]]
     starts: np.ndarray
+    recent: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def span(self, key: str) -> tuple[int, int] | None:
+        return self.recent.get(key) or self.index.get(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.recent or key in self.index
+
+    def keys(self) -> list[str]:
+        return [*self.index, *self.recent]
 
     def with_shard(self, shard: dict) -> _View:
         """This view plus one appended shard (a new view; this one is left as it is)."""
-        index = dict(self.index)
-        index.update((key, (int(start), int(count))) for key, (start, count) in shard["keys"].items())
+        recent = {**self.recent, **{key: (int(start), int(count))
+                                    for key, (start, count) in shard["keys"].items()}}
+        index = self.index
+        if len(recent) > RECENT_KEYS:  # one copy of every key per RECENT_KEYS appended
+            index, recent = {**index, **recent}, {}
         return _View((*self.shards, shard), self.rows + int(shard["rows"]), index,
-                     np.append(self.starts, self.rows))
+                     np.append(self.starts, self.rows), recent)
 
 
 class FeatureStoreError(ValueError):
     """A feature store or a record that cannot be used; the message says which and why."""
+
+
+class _ShardGone(FeatureStoreError):
+    """A shard folder the view names was removed: a compaction merged it since."""
 
 
 @dataclass
@@ -145,6 +174,7 @@ class FeatureStore:
         self._manifest_path = self.root / MANIFEST
         self._log_path = self.root / LOG
         self._logged = 0  # shard entries in the log, not yet in manifest.json
+        self._log_read = 0  # bytes of the log read so far (whole lines)
         self._seen: tuple | None = None  # the files' stat when last read or written by us
         # What readers see: replaced whole, never changed in place, so a search reading rows
         # while an upload appends (and re-reads the manifest) never sees half of a state.
@@ -173,29 +203,31 @@ class FeatureStore:
         return self._view.rows
 
     def __contains__(self, key: object) -> bool:
-        return key in self._view.index
+        return key in self._view
 
     def has(self, key: str) -> bool:
-        return key in self._view.index
+        return key in self._view
 
     def keys(self) -> list[str]:
         """Every key, in append order."""
-        return list(self._view.index)
+        return self._view.keys()
 
     def rows_of(self, key: str) -> tuple[int, int]:
         """(global start row, row count) of ``key``."""
-        try:
-            return self._view.index[key]
-        except KeyError:
-            raise KeyError(f"{key!r} is not in the feature store {self.root}") from None
+        span = self._view.span(key)
+        if span is None:
+            raise KeyError(f"{key!r} is not in the feature store {self.root}")
+        return span
 
     def get(self, key: str) -> RegionRecord:
         """The record of ``key``; its features are a float16 memory-mapped view."""
-        view = self._view
-        try:
-            start, count = view.index[key]
-        except KeyError:
-            raise KeyError(f"{key!r} is not in the feature store {self.root}") from None
+        return self._reading(lambda view: self._get(view, key))
+
+    def _get(self, view: _View, key: str) -> RegionRecord:
+        span = view.span(key)
+        if span is None:
+            raise KeyError(f"{key!r} is not in the feature store {self.root}")
+        start, count = span
         shard = int(np.searchsorted(view.starts, start, side="right") - 1)
         arrays = self._open_shard(view.shards[shard])
         local = slice(start - int(view.starts[shard]), start - int(view.starts[shard]) + count)
@@ -209,7 +241,9 @@ class FeatureStore:
     def features(self, rows: np.ndarray) -> np.ndarray:
         """(len(rows), D) float32 features of global ``rows``, in the order given."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        view = self._view
+        return self._reading(lambda view: self._features(view, rows))
+
+    def _features(self, view: _View, rows: np.ndarray) -> np.ndarray:
         if rows.size and (rows.min() < 0 or rows.max() >= view.rows):
             raise IndexError(f"row out of range 0..{view.rows - 1} in feature store {self.root}")
         out = np.empty((rows.size, self._dim or 0), dtype=np.float32)
@@ -221,14 +255,54 @@ class FeatureStore:
             out[where] = self._open_shard(view.shards[int(shard)])["features"][local]
         return out
 
+    def _reading(self, read: Callable[[_View], object]):  # -> what ``read`` returns
+        """``read(view)``; when a compaction (here or in another process) merged away a shard
+        the view names, read again from the manifest on disk: the same rows, other shards."""
+        view = self._view
+        try:
+            return read(view)
+        except _ShardGone:
+            if self._view is view:
+                self._load_manifest(self._dim, self._extractor)
+            return read(self._view)
+
     def refresh(self) -> bool:
-        """Read the manifest again if another process appended since; True when it had.
-        A reader (a replica of the service) calls this to see a writer's new records."""
-        if not self._manifest_path.exists() or self._files_stat() == self._seen:
+        """Read what another process appended (or compacted) since; True when the rows
+        changed. A reader (a replica of the service) calls this to see a writer's new
+        records. Only the new log lines are read, unless the manifest was replaced."""
+        if not self._manifest_path.exists():
+            return False
+        seen = self._files_stat()
+        if seen == self._seen:
             return False
         before = self._view
-        self._load_manifest(self._dim, self._extractor)
+        if not self._read_log_tail(seen):
+            self._load_manifest(self._dim, self._extractor)
         return self._view.rows != before.rows
+
+    def _read_log_tail(self, seen: tuple) -> bool:
+        """Add the shards of the log lines written since we last read it, when only the log
+        grew (same manifest, same log file); False when a whole re-read is needed."""
+        if self._seen is None or seen[0] != self._seen[0] or seen[1] is None or self._seen[1] is None:
+            return False
+        if seen[1][0] != self._seen[1][0] or seen[1][1] < self._log_read:  # a new or shorter log
+            return False
+        with open(self._log_path, "rb") as handle:
+            handle.seek(self._log_read)
+            tail = handle.read()
+        whole = tail[: tail.rfind(b"\n") + 1]  # a line still being written waits
+        view = self._view
+        for line in whole.decode("utf-8").splitlines():
+            try:
+                shard = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise FeatureStoreError(f"{self._log_path}: a line is not JSON ({exc})") from exc
+            self._check_shard_entry(len(view.shards), shard, view.rows, view)
+            view = view.with_shard(shard)
+            self._logged += 1
+        self._log_read += len(whole)
+        self._view, self._seen = view, seen
+        return True
 
     # -- writing ------------------------------------------------------------------------
 
@@ -251,9 +325,10 @@ class FeatureStore:
         self.root.mkdir(parents=True, exist_ok=True)
         with self._lock():
             # Another process may have appended since we read the files: start from the disk
-            # state then (re-reading is O(store); an append of our own is not).
-            if self._manifest_path.exists() and self._files_stat() != self._seen:
-                self._load_manifest(self._dim, self._extractor)
+            # state then (its new log lines; the whole manifest only after a fold).
+            before = self._view
+            self.refresh()
+            if self._view is not before:
                 self._check_items(items)
             return self._write_shard(items)
 
@@ -263,7 +338,7 @@ class FeatureStore:
         for key, record in items:
             if not isinstance(key, str) or not key:
                 raise FeatureStoreError(f"feature store keys are non-empty strings, got {key!r}")
-            if key in self._view.index:
+            if key in self._view:
                 raise FeatureStoreError(
                     f"key {key!r} is already in the feature store {self.root}; "
                     "a key is stored once (skip keys that are present to resume)"
@@ -290,7 +365,7 @@ class FeatureStore:
                 )
 
     def _write_shard(self, items: list[tuple[str, RegionRecord]]) -> dict[str, tuple[int, int]]:
-        name = f"shard-{len(self._view.shards):06d}"
+        name = f"shard-{_next_number(self._view.shards):06d}"
         final = self.root / name
         if final.exists():
             # Left by a crash between the shard rename and its log line: neither the manifest
@@ -312,7 +387,25 @@ class FeatureStore:
             "scores": np.concatenate([r.scores for _, r in items]),
             "kinds": np.concatenate([r.kinds for _, r in items]),
         }
-        tmp = self.root / f".tmp-shard-{uuid.uuid4().hex}"
+        self._write_folder(arrays, self.root / f".tmp-shard-{uuid.uuid4().hex}", final)
+
+        dim = int(arrays["features"].shape[1])
+        shard = {"name": name, "rows": offset - start, "keys": {k: list(v) for k, v in spans.items()}}
+        if self._manifest_path.exists() and self._logged + 1 < CHECKPOINT_EVERY:
+            append_line(self._log_path, json.dumps(shard))
+            self._logged += 1
+            self._log_read = self._log_path.stat().st_size  # we hold the lock: ours is the last line
+        else:  # the first shard, or a full log: everything into a new manifest, the log emptied
+            self._write_manifest([*self._view.shards, shard], dim)
+        self._seen = self._files_stat()
+        self._dim = dim
+        self._view = self._view.with_shard(shard)
+        log.debug("appended %d records (%d rows) to %s as %s", len(items), offset - start, self.root, name)
+        return spans
+
+    @staticmethod
+    def _write_folder(arrays: dict[str, np.ndarray], tmp: Path, final: Path) -> None:
+        """Write ``arrays`` as .npy files into ``tmp``, fsynced, then rename it to ``final``."""
         tmp.mkdir()
         for array_name, array in arrays.items():
             with open(tmp / f"{array_name}.npy", "wb") as handle:
@@ -321,28 +414,79 @@ class FeatureStore:
                 os.fsync(handle.fileno())
         fsync_dir(tmp)
         os.rename(tmp, final)
-        fsync_dir(self.root)
+        fsync_dir(final.parent)
 
-        dim = int(arrays["features"].shape[1])
-        shard = {"name": name, "rows": offset - start, "keys": {k: list(v) for k, v in spans.items()}}
-        if self._manifest_path.exists() and self._logged + 1 < CHECKPOINT_EVERY:
-            append_line(self._log_path, json.dumps(shard))
-            self._logged += 1
-        else:  # the first shard, or a full log: everything into a new manifest, the log emptied
-            manifest = {
-                "version": FORMAT_VERSION,
-                "dim": dim,
-                "extractor": self._extractor,
-                "shards": [*self._view.shards, shard],
-            }
-            write_json_atomic(self._manifest_path, manifest, indent=None)
-            write_text_atomic(self._log_path, "")
-            self._logged = 0
-        self._seen = self._files_stat()
-        self._dim = dim
-        self._view = self._view.with_shard(shard)
-        log.debug("appended %d records (%d rows) to %s as %s", len(items), offset - start, self.root, name)
-        return spans
+    def _write_manifest(self, shards: list[dict], dim: int) -> None:
+        """Everything into a new manifest.json, then the log emptied (the caller holds the
+        lock). A crash between the two leaves log lines that the manifest holds too: a
+        reader skips them by their rows."""
+        manifest = {"version": FORMAT_VERSION, "dim": dim, "extractor": self._extractor,
+                    "shards": shards}
+        write_json_atomic(self._manifest_path, manifest, indent=None)
+        write_text_atomic(self._log_path, "")
+        self._logged = self._log_read = 0
+
+    # -- compaction ---------------------------------------------------------------------
+
+    def compact(
+        self, *, target_rows: int = COMPACT_ROWS,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> tuple[int, int]:
+        """Merge each run of consecutive shards smaller than ``target_rows`` into shards of
+        at most ``target_rows`` rows; returns (shards before, shards after).
+
+        Global rows, keys and contents stay as they are. The merged shards are written
+        beside the old ones without holding the writers' lock (appends go on), then swapped
+        in by one manifest replace under the lock; the old folders go last. A crash leaves
+        the old state, or the new one with leftover folders that the next compaction
+        removes. A reader holding the old view re-reads the manifest when it meets a shard
+        that went. ``progress(done, total)`` is called after each merged shard."""
+        if target_rows < 1:
+            raise FeatureStoreError(f"target_rows must be positive, got {target_rows}")
+        if not self._manifest_path.exists():
+            return 0, 0
+        with self._lock(".compact.lock"):  # one compaction at a time; appends go on
+            self.refresh()
+            view = self._view
+            groups = _merge_groups(view.shards, target_rows)
+            for stale in self.root.glob(".tmp-compact-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            merged = []
+            for done, group in enumerate(groups, start=1):
+                merged.append(self._write_merged(group))
+                if progress is not None:
+                    progress(done, len(groups))
+            with self._lock():
+                self._load_manifest(self._dim, self._extractor)
+                shards = _replace_groups(list(self._view.shards), groups, merged)
+                if groups:
+                    self._write_manifest(shards, self._dim or 0)
+                    self._load_manifest(self._dim, self._extractor)
+                named = {shard["name"] for shard in self._view.shards}
+                # Under the lock no append is between its rename and its log line, so every
+                # shard folder the manifest does not name is left over: merged away, or
+                # written by a compaction that crashed before its manifest replace.
+                leftovers = [path for path in self.root.glob("shard-*") if path.name not in named]
+        for path in leftovers:
+            shutil.rmtree(path, ignore_errors=True)
+        log.info("compacted %s: %d shards -> %d (%d merged into %d); %d old folders removed",
+                 self.root, len(view.shards), len(self._view.shards), sum(map(len, groups)),
+                 len(groups), len(leftovers))
+        return len(view.shards), len(self._view.shards)
+
+    def _write_merged(self, group: list[dict]) -> dict:
+        """One shard holding the rows of ``group`` (consecutive shards), in order."""
+        first, last = _numbers(group[0]["name"])[0], _numbers(group[-1]["name"])[1]
+        final = self.root / f"shard-{first:06d}-{last:06d}"
+        if final.exists():  # from a compaction that crashed before its manifest replace
+            shutil.rmtree(final)
+        parts = [self._open_shard(shard) for shard in group]
+        arrays = {name: np.concatenate([part[name] for part in parts]) for name in ARRAYS}
+        self._write_folder(arrays, self.root / f".tmp-compact-{uuid.uuid4().hex}", final)
+        keys: dict[str, list[int]] = {}
+        for shard in group:
+            keys.update(shard["keys"])
+        return {"name": final.name, "rows": sum(int(shard["rows"]) for shard in group), "keys": keys}
 
     # -- manifest -----------------------------------------------------------------------
 
@@ -389,8 +533,10 @@ class FeatureStore:
         shards = manifest.get("shards")
         if not isinstance(shards, list):
             raise FeatureStoreError(f"{path}: field 'shards' must be a list")
-        folded = {shard.get("name") for shard in shards if isinstance(shard, dict)}
-        logged = [entry for entry in logged if not (isinstance(entry, dict) and entry.get("name") in folded)]
+        # Lines the manifest holds already (a crash between a new manifest and the emptied
+        # log) start below the rows it covers; rows only grow, whatever compaction did.
+        folded = sum(shard.get("rows", 0) for shard in shards if isinstance(shard, dict))
+        logged = [entry for entry in logged if not _first_row(entry) < folded]
         self._logged = len(logged)
         shards = [*shards, *logged]
         names, starts, index, rows = [], [], {}, 0
@@ -404,16 +550,23 @@ class FeatureStore:
         self._extractor = stored_extractor if stored_extractor is not None else extractor
         self._view = _View(tuple(names), rows, index, np.asarray(starts, dtype=np.int64))
         self._seen = seen
+        with self._arrays_lock:  # unmap shards merged away: their files are gone from disk
+            named = {shard["name"] for shard in names}
+            for name in [name for name in self._arrays if name not in named]:
+                del self._arrays[name]
 
     def _read_log(self) -> list[object]:
         """The shard entries in the log, in order; a last line without its newline (a crash
         while writing it) is left out."""
         try:
-            text = self._log_path.read_text(encoding="utf-8")
+            data = self._log_path.read_bytes()
+            text = data[: data.rfind(b"\n") + 1].decode("utf-8")
         except FileNotFoundError:
+            self._log_read = 0
             return []
         except (OSError, UnicodeDecodeError) as exc:
             raise FeatureStoreError(f"{self._log_path}: unreadable feature store log ({exc})") from exc
+        self._log_read = len(text.encode("utf-8"))
         entries = []
         for number, line in enumerate(text.split("\n")[:-1], start=1):
             try:
@@ -422,7 +575,7 @@ class FeatureStore:
                 raise FeatureStoreError(f"{self._log_path}: line {number} is not JSON ({exc})") from exc
         return entries
 
-    def _check_shard_entry(self, number: int, shard: object, start: int, index: dict) -> None:
+    def _check_shard_entry(self, number: int, shard: object, start: int, index: Container[str]) -> None:
         where = f"{self._manifest_path}: shards[{number}]"
         if not isinstance(shard, dict) or not {"name", "rows", "keys"} <= shard.keys():
             raise FeatureStoreError(f"{where} must have fields name, rows and keys")
@@ -453,6 +606,8 @@ class FeatureStore:
             path = folder / f"{array_name}.npy"
             try:
                 arrays[array_name] = np.load(path, mmap_mode="r")
+            except FileNotFoundError as exc:
+                raise _ShardGone(f"{path}: shard gone (merged by a compaction?)") from exc
             except (OSError, ValueError) as exc:
                 raise FeatureStoreError(f"{path}: cannot read shard array ({exc})") from exc
             if len(arrays[array_name]) != shard["rows"]:
@@ -472,11 +627,65 @@ class FeatureStore:
         return arrays
 
     @contextmanager
-    def _lock(self) -> Iterator[None]:
-        with open(self.root / ".lock", "a") as handle:
+    def _lock(self, name: str = ".lock") -> Iterator[None]:
+        with open(self.root / name, "a") as handle:
             # Blocks while another writer appends; the manifest is re-read once we hold it.
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _numbers(name: str) -> tuple[int, int]:
+    """(first, last) append numbers a shard folder's name holds."""
+    match = SHARD_NAME.fullmatch(name)
+    if match is None:
+        raise FeatureStoreError(f"shard name {name!r} is not shard-<number>[-<number>]")
+    first = int(match.group(1))
+    return first, int(match.group(2) or first)
+
+
+def _next_number(shards: tuple[dict, ...]) -> int:
+    """The number of the next appended shard: one past the last, whatever was merged."""
+    return _numbers(shards[-1]["name"])[1] + 1 if shards else 0
+
+
+def _first_row(entry: object) -> float:
+    """The first global row of a log entry; +inf when it has none (left for the checks)."""
+    if isinstance(entry, dict) and isinstance(entry.get("keys"), dict) and entry["keys"]:
+        spans = [span[0] for span in entry["keys"].values() if isinstance(span, list) and span]
+        if spans and all(isinstance(start, int) for start in spans):
+            return min(spans)
+    return float("inf")
+
+
+def _merge_groups(shards: tuple[dict, ...], target_rows: int) -> list[list[dict]]:
+    """Runs of two or more consecutive shards, each run at most ``target_rows`` rows; a
+    shard of ``target_rows`` or more stays alone."""
+    groups: list[list[dict]] = []
+    run: list[dict] = []
+    rows = 0
+    for shard in shards:
+        if rows + int(shard["rows"]) > target_rows:
+            if len(run) > 1:
+                groups.append(run)
+            run, rows = [], 0
+        if int(shard["rows"]) < target_rows:
+            run.append(shard)
+            rows += int(shard["rows"])
+    if len(run) > 1:
+        groups.append(run)
+    return groups
+
+
+def _replace_groups(shards: list[dict], groups: list[list[dict]], merged: list[dict]) -> list[dict]:
+    """``shards`` with each group's run replaced by its merged shard."""
+    position = {shard["name"]: number for number, shard in enumerate(shards)}
+    for group, replacement in sorted(zip(groups, merged, strict=True),
+                                     key=lambda pair: -position[pair[0][0]["name"]]):
+        start = position[group[0]["name"]]
+        if [shard["name"] for shard in shards[start:start + len(group)]] != [s["name"] for s in group]:
+            raise FeatureStoreError(f"{group[0]['name']}…: the shards to merge changed meanwhile")
+        shards[start:start + len(group)] = [replacement]
+    return shards

@@ -302,3 +302,169 @@ def test_keys_beyond_ascii_survive_the_manifest_and_the_log(tmp_path):
     store.append("Ägyptisches Museum ☥ 1", make_record(2, 1))  # the manifest
     store.append("Ägyptisches Museum ☥ 2", make_record(2, 2))  # the log
     assert FeatureStore(tmp_path).keys() == ["Ägyptisches Museum ☥ 1", "Ägyptisches Museum ☥ 2"]
+
+
+def fill(store: FeatureStore, count: int, first: int = 0) -> dict[str, RegionRecord]:
+    """``count`` appends of one record each (1 to 4 rows): the service's one shard per upload."""
+    records = {f"k{i}": make_record(1 + i % 4, i) for i in range(first, first + count)}
+    for key, record in records.items():
+        store.append(key, record)
+    return records
+
+
+def shard_folders(root) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.name.startswith("shard-"))
+
+
+def test_compaction_merges_small_shards_and_keeps_rows_keys_and_contents(tmp_path, monkeypatch):
+    monkeypatch.setattr(featurestore, "CHECKPOINT_EVERY", 8)  # some shards in the log
+    store = FeatureStore(tmp_path)
+    fill(store, 30)
+    spans = {key: store.rows_of(key) for key in store.keys()}
+    everything = store.features(np.arange(len(store)))
+    assert store.compact(target_rows=20) == (30, 4)  # 73 rows: 8 shards (20 rows) a run
+    for reopened in (store, FeatureStore(tmp_path)):
+        assert {key: reopened.rows_of(key) for key in reopened.keys()} == spans
+        np.testing.assert_array_equal(reopened.features(np.arange(len(reopened))), everything)
+        np.testing.assert_array_equal(reopened.get("k17").kinds, make_record(2, 17).kinds)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert [s["name"] for s in manifest["shards"]] == shard_folders(tmp_path)  # old folders went
+    assert manifest["shards"][0]["name"] == "shard-000000-000007"
+    assert (tmp_path / "manifest.log").read_text() == ""
+    # Appends go on with new numbers and rows after the last; a second pass merges them in.
+    fill(store, 3, first=30)
+    assert shard_folders(tmp_path)[-1] == "shard-000032" and store.rows_of("k30") == (73, 3)
+    assert store.compact(target_rows=20) == (7, 5)  # 13 + 3 + 4 rows, then 1
+    assert FeatureStore(tmp_path).keys() == [f"k{i}" for i in range(33)]
+    assert store.compact(target_rows=20) == (5, 5)  # nothing left to merge
+
+
+def test_a_crash_before_the_manifest_replace_leaves_the_old_state(tmp_path, monkeypatch):
+    store = FeatureStore(tmp_path)
+    fill(store, 12)
+    before = (tmp_path / "manifest.json").read_text(), (tmp_path / "manifest.log").read_text()
+    folders = shard_folders(tmp_path)
+
+    def power_cut(*args, **kwargs):
+        raise OSError("simulated power cut")
+
+    monkeypatch.setattr(featurestore, "write_json_atomic", power_cut)
+    with pytest.raises(OSError, match="power cut"):
+        store.compact(target_rows=10)
+    monkeypatch.undo()
+    assert ((tmp_path / "manifest.json").read_text(), (tmp_path / "manifest.log").read_text()) == before
+    assert set(folders) < set(shard_folders(tmp_path))  # merged shards written, not named
+    reopened = FeatureStore(tmp_path)
+    assert reopened.keys() == store.keys() and len(reopened) == len(store)
+    expected = store.features(np.arange(len(store)))
+    assert reopened.compact(target_rows=10) == (12, 3)  # the rerun replaces the leftovers
+    np.testing.assert_array_equal(FeatureStore(tmp_path).features(np.arange(len(store))), expected)
+    assert len(shard_folders(tmp_path)) == 3
+
+
+def test_a_crash_between_the_manifest_replace_and_the_emptied_log_reads_each_row_once(
+        tmp_path, monkeypatch):
+    store = FeatureStore(tmp_path)
+    fill(store, 12)  # one shard in the manifest, 11 in the log
+    expected = store.features(np.arange(len(store)))
+
+    def power_cut(*args, **kwargs):
+        raise OSError("simulated power cut")
+
+    monkeypatch.setattr(featurestore, "write_text_atomic", power_cut)
+    with pytest.raises(OSError, match="power cut"):
+        store.compact(target_rows=10)
+    monkeypatch.undo()
+    assert len((tmp_path / "manifest.log").read_text().splitlines()) == 11  # still there
+    reopened = FeatureStore(tmp_path)  # the log's lines start below the manifest's rows
+    assert reopened.keys() == [f"k{i}" for i in range(12)]
+    np.testing.assert_array_equal(reopened.features(np.arange(len(reopened))), expected)
+    reopened.append("k12", make_record(2, 12))
+    assert reopened.compact(target_rows=10)[1] == 4 and len(shard_folders(tmp_path)) == 4
+    assert FeatureStore(tmp_path).rows_of("k12") == (len(expected), 2)
+
+
+def test_a_reader_holding_the_old_shards_reads_the_same_rows_after_a_compaction(tmp_path, monkeypatch):
+    writer = FeatureStore(tmp_path)
+    fill(writer, 40)
+    monkeypatch.setattr(featurestore, "MAX_OPEN_SHARDS", 4)  # most old shards are not mapped
+    reader = FeatureStore(tmp_path)
+    rows = np.arange(len(reader))
+    expected = reader.features(rows)
+    writer.compact(target_rows=16)
+    assert not (tmp_path / "shard-000003").exists()
+    np.testing.assert_array_equal(reader.features(rows), expected)  # re-reads the manifest
+    np.testing.assert_array_equal(reader.get("k5").features, writer.get("k5").features)
+    assert len(reader._view.shards) == len(writer._view.shards)
+
+
+def test_appends_go_on_while_a_compaction_runs(tmp_path):
+    import threading
+
+    store = FeatureStore(tmp_path)
+    fill(store, 60)
+    compactor = FeatureStore(tmp_path)
+    outcome: list[object] = []
+
+    def compact() -> None:
+        try:
+            outcome.append(compactor.compact(target_rows=12))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            outcome.append(exc)
+
+    thread = threading.Thread(target=compact)
+    thread.start()
+    appended = fill(store, 30, first=60)
+    thread.join()
+    assert outcome[0][0] == 60 and outcome[0][1] < 60 + 30, outcome  # + appends meanwhile
+    final = FeatureStore(tmp_path)
+    assert final.keys() == [f"k{i}" for i in range(90)]
+    for key, record in appended.items():
+        np.testing.assert_array_equal(final.get(key).features, record.features.astype(np.float16))
+    assert final.compact(target_rows=12)[1] < 30  # 225 rows in runs of at most 12
+
+
+def test_refresh_reads_only_the_new_log_lines(tmp_path, monkeypatch):
+    writer, reader = FeatureStore(tmp_path), FeatureStore(tmp_path)
+    fill(writer, 5)
+    assert reader.refresh() and len(reader.keys()) == 5  # the first manifest: read whole
+    whole_reads = []
+    real_load = FeatureStore._load_manifest
+    monkeypatch.setattr(FeatureStore, "_load_manifest",
+                        lambda self, *a: (whole_reads.append(1), real_load(self, *a)))
+    for first in (5, 6, 7):
+        fill(writer, 1, first=first)
+        assert reader.refresh() and reader.keys()[-1] == f"k{first}"
+    assert reader.refresh() is False and whole_reads == []
+    with open(tmp_path / "manifest.log", "a") as handle:
+        handle.write('{"name": "shard-0000')  # a line being written is left for later
+    assert reader.refresh() is False and len(reader.keys()) == 8
+    np.testing.assert_array_equal(reader.features(np.arange(len(reader))),
+                                  writer.features(np.arange(len(writer))))
+
+
+def test_an_append_copies_only_the_recent_keys_and_all_stay_in_order(tmp_path, monkeypatch):
+    monkeypatch.setattr(featurestore, "RECENT_KEYS", 3)
+    store = FeatureStore(tmp_path)
+    records = fill(store, 10)
+    assert len(store._view.recent) <= 3  # the older keys joined the rest
+    assert store.keys() == list(records) == FeatureStore(tmp_path).keys()
+    start = 0
+    for key, record in records.items():
+        assert store.rows_of(key) == (start, len(record)) and key in store
+        start += len(record)
+    with pytest.raises(FeatureStoreError, match="already in the feature store"):
+        store.append("k9", make_record(1, 1))
+
+
+def test_store_compact_command_merges_the_service_store(tmp_path, capsys):
+    from app.cli import main
+
+    records = fill(FeatureStore(tmp_path / "features"), 12)
+    assert main(["store", "compact", "--data-dir", str(tmp_path), "--target-rows", "10"]) == 0
+    assert "12 shards -> 3, 30 rows, 12 keys" in capsys.readouterr().out
+    reopened = FeatureStore(tmp_path / "features")
+    for key, record in records.items():
+        np.testing.assert_array_equal(reopened.get(key).features, record.features.astype(np.float16))
+    assert main(["store", "compact", "--data-dir", str(tmp_path / "elsewhere")]) == 2
+    assert "no feature store here" in capsys.readouterr().err

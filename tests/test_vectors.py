@@ -7,7 +7,16 @@ import json
 import numpy as np
 import pytest
 
-from index.vectors import VectorIndex, VectorIndexError, ivf_params, read_manifest
+from index.vectors import (
+    KINDS,
+    IndexPlan,
+    VectorIndex,
+    VectorIndexError,
+    candidates_for,
+    ivf_params,
+    plan_index,
+    read_manifest,
+)
 
 DIM = 16
 
@@ -47,6 +56,87 @@ def test_flat_search_equals_numpy_reference(data):
     np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
 
 
+def clustered(n: int, dim: int = DIM, centres: int = 40, seed: int = 1):
+    """Unit vectors around ``centres`` random directions (real embeddings cluster), ids
+    sparse and unordered like database ids, and queries near the same directions."""
+    rng = np.random.default_rng(seed)
+    directions = unit(rng.normal(size=(centres, dim)))
+    vectors = unit(directions[rng.integers(0, centres, n)] + 0.35 * rng.normal(size=(n, dim)) / np.sqrt(dim))
+    queries = unit(directions[rng.integers(0, centres, 30)] + 0.35 * rng.normal(size=(30, dim)) / np.sqrt(dim))
+    return rng.permutation(10 * n)[:n].astype(np.int64), vectors.astype(np.float32), queries
+
+
+def recall_at_10(index, ids, vectors, queries) -> float:
+    _, found = index.search(queries, 10)
+    _, ref_ids = reference_search(ids, vectors, queries, 10)
+    return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, ref_ids, strict=True)]))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_kind_builds_searches_deletes_saves_and_loads(kind, tmp_path):
+    ids, vectors, queries = clustered(12_000)
+    index = VectorIndex.build(ids, vectors, kind=kind, use_gpu=False)
+    assert index.kind == kind and len(index) == len(ids)
+    # Floors below what each kind reaches here (flat and IVF 1.0, SQ8 and PQ ~0.97), far
+    # above a broken index (~0).
+    floor = {"flat": 1.0, "ivf": 0.95, "ivf-sq8": 0.9, "ivf-pq": 0.8}[kind]
+    assert recall_at_10(index, ids, vectors, queries) >= floor
+    # Deleting makes the ids unfindable, whatever the codes: search with their own vectors.
+    gone = ids[:300]
+    assert index.remove(gone) == 300 and len(index) == len(ids) - 300
+    _, found = index.search(vectors[:300], 10)
+    assert not np.isin(found, gone).any()
+    assert recall_at_10(index, ids[300:], vectors[300:], queries) >= floor
+    index.save(tmp_path, model_version="m", state={"fragments": [1, 2, 3]})
+    manifest = read_manifest(tmp_path)
+    assert manifest["version"] == 2 and manifest["kind"] == kind
+    assert manifest["pq_bytes"] == (index.plan.pq_bytes if kind == "ivf-pq" else None)
+    loaded = VectorIndex.load(tmp_path, use_gpu=False)
+    assert loaded.plan == index.plan and len(loaded) == len(index)
+    np.testing.assert_array_equal(loaded.search(queries, 10)[1], index.search(queries, 10)[1])
+
+
+def test_the_memory_budget_picks_the_kind():
+    dim, count = 256, 10_000_000
+    assert plan_index(1000, dim).kind == "flat"
+    assert plan_index(100_000, dim, memory_budget=1 << 30).kind == "ivf"  # 103 MB of floats
+    # 10M vectors at d 256 (+ 48 B of ids and id map each): 10.7 GB as floats, 3.0 GB as
+    # 8-bit codes, 1.1 GB as 64 B PQ codes, 0.8 GB as 32 B
+    assert plan_index(count, dim).kind == "ivf-sq8"
+    assert plan_index(count, dim, memory_budget=20 << 30).kind == "ivf"
+    small = plan_index(count, dim, memory_budget=2 << 30)
+    assert (small.kind, small.pq_bytes) == ("ivf-pq", 64)
+    assert plan_index(count, dim, memory_budget=1 << 30).pq_bytes == 32
+    for plan in (plan_index(count, dim), small):
+        assert plan.bytes_for(count, dim) <= (4 << 30 if plan is not small else 2 << 30)
+    assert plan_index(count, dim, kind="ivf-pq").pq_bytes == 64  # a kind can be asked for
+    with pytest.raises(VectorIndexError, match="do not fit a memory budget.*retrieval.memory_budget"):
+        plan_index(count, dim, memory_budget=10 << 20)
+    with pytest.raises(VectorIndexError, match="kind must be one of"):
+        plan_index(count, dim, kind="hnsw")
+
+
+def test_k_grows_with_the_index_as_measured():
+    # docs/SCALING.md: overlap@10 >= 0.95 needs K 100 at 100k fragments, K 500 at 1M
+    assert candidates_for(0) == candidates_for(100_000) == 100
+    assert candidates_for(1_000_000) == 500
+    sizes = [10**e for e in range(2, 10)]
+    assert [candidates_for(n) for n in sizes] == sorted(candidates_for(n) for n in sizes)
+
+
+def test_a_version_1_manifest_still_loads(tmp_path):
+    ids, vectors, queries = clustered(4000)
+    index = VectorIndex.build(ids, vectors, exact_below=100, kind="ivf", use_gpu=False)
+    index.save(tmp_path, model_version="m", state={})
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    del manifest["pq_bytes"]
+    manifest.update(version=1, nprobe=index.nlist // 16)  # what version 1 wrote
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    loaded = VectorIndex.load(tmp_path, use_gpu=False)
+    assert loaded.plan == IndexPlan("ivf", index.nlist, index.nprobe)
+    np.testing.assert_array_equal(loaded.search(queries, 5)[1], index.search(queries, 5)[1])
+
+
 def test_ivf_probing_every_list_is_exact_and_default_probing_finds_most(data):
     ids, vectors, queries = data
     index = VectorIndex.build(ids, vectors, exact_below=100)
@@ -55,7 +145,7 @@ def test_ivf_probing_every_list_is_exact_and_default_probing_finds_most(data):
     _, approx = index.search(queries, 10)
     overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(approx, ref_ids, strict=True)])
     assert overlap > 0.5  # random vectors are the hard case for IVF; real ones cluster
-    index._index.nprobe = index.nlist
+    index.set_nprobe(index.nlist)
     _, exact = index.search(queries, 10)
     np.testing.assert_array_equal(exact, ref_ids)
 

@@ -56,7 +56,7 @@ async def annotate(
 ) -> AnnotateResult:
     media_type = content_type(request)
     timings: dict[str, float] = {}
-    k = max(runtime.settings.retrieval.candidates, limit)
+    k = max(runtime.candidates("phrases"), limit)
     if media_type == "multipart/form-data":
         image_bytes = await _uploaded_image(request)
         hits = await runtime.pool.run(runtime.engine.annotate_upload, session, image_bytes,

@@ -429,8 +429,7 @@ def _annotation_page(runtime: Runtime, session: Session, artwork_id: int,
         engine = runtime.engine
         for fragment in extracted[:suggestions]:
             features = engine.store.features(np.asarray(fragment.region_rows))  # (r, D_raw)
-            best = engine.annotate_regions(session, features, k=runtime.settings.retrieval.candidates,
-                                           limit=1)
+            best = engine.annotate_regions(session, features, k=runtime.candidates("phrases"), limit=1)
             if best:
                 items.append(web_annotation(f"suggestion-{fragment.id}", "tagging", best[0].phrase,
                                             fragment.box, score=best[0].score))

@@ -60,7 +60,8 @@ async def search(
         raise Problem(422, "query-too-long", "Query too long",
                       f"q has {len(q)} characters; the limit is {settings.limits.max_query_chars}")
     # Whole blocks of K: the pages within one block rank the same candidates.
-    candidates = -(-(offset + limit) // settings.retrieval.candidates) * settings.retrieval.candidates
+    block = runtime.candidates("fragments")
+    candidates = -(-(offset + limit) // block) * block
     filters = {name: value for name, value in
                (("source", source), ("classification", classification)) if value is not None}
     timings: dict[str, float] = {}

@@ -23,6 +23,8 @@ BENCHMARKS = [
      "region extraction: the local path vs the Ray path, plus the per-image sizes for scaling"),
     ("text", "bench.text",
      "the text side, GRU vs MiniLM: query encoding p50/p95, phrase index build, training step"),
+    ("store", "bench.store",
+     "feature store: open, refresh, append and read cost vs shards written, before and after compaction"),
     ("http", "bench.http",
      "HTTP latency (p50/p95) of GET /search and POST /annotate on a running service"),
 ]

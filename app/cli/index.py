@@ -18,7 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Bring the indexes under DATA_DIR/index up to date: an index whose "
                     "manifest names this SCAN checkpoint and the database's current state is "
                     "kept; any other is rebuilt beside it and swapped in atomically. Exact "
-                    "search below 50,000 vectors, an IVF index above.",
+                    "search below 50,000 vectors, above an IVF index of the most precise "
+                    "codes that fit $ARTALIGN_RETRIEVAL__MEMORY_BUDGET (default 4 GiB).",
     )
     build.add_argument("--database-url", help="database URL (default $ARTALIGN_DATABASE_URL, "
                                               "else sqlite:///var/artalign.db)")
@@ -48,7 +49,8 @@ def run_build(args: argparse.Namespace) -> int:
                                          device=device)
     database = create_db_engine(database_url(args.database_url or settings.database_url))
     indexes = Indexes(encoder=Encoder(model, vocab), model_version=checkpoint.sha256,
-                      store=FeatureStore(data_dir / "features"), index_dir=data_dir / "index")
+                      store=FeatureStore(data_dir / "features"), index_dir=data_dir / "index",
+                      memory_budget=int(settings.retrieval.memory_budget))
     try:
         with session_factory(database)() as session:
             if args.force:

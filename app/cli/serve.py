@@ -33,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Serve the HTTP API with uvicorn. Settings come from ARTALIGN_* environment "
             "variables, e.g. ARTALIGN_DATABASE_URL=postgresql+psycopg://artalign@db/artalign, "
             "ARTALIGN_SCAN_CHECKPOINT, ARTALIGN_DETECTOR_CHECKPOINT, ARTALIGN_DATA_DIR, "
-            "ARTALIGN_API_KEYS='[\"...\"]', ARTALIGN_LIMITS__MAX_INFLIGHT. The database must "
+            "ARTALIGN_API_KEYS='[\"...\"]', ARTALIGN_LIMITS__MAX_INFLIGHT, "
+            "ARTALIGN_RETRIEVAL__MEMORY_BUDGET=4GiB (the index kind follows it). The database must "
             "already be migrated (`artalign db upgrade`)."
         ),
     )

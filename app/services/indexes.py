@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from app.db.models import Fragment, IndexBuild, Phrase
 from index.featurestore import FeatureStore
-from index.vectors import VectorIndex, VectorIndexError, read_manifest
+from index.vectors import DEFAULT_MEMORY_BUDGET, VectorIndex, VectorIndexError, read_manifest
 
 if TYPE_CHECKING:
     from models.encoder import Encoder  # pulls in torch
@@ -73,8 +73,9 @@ class Indexes:
     :class:`~index.vectors.VectorIndex`. Searches may run while one writer updates."""
 
     def __init__(self, *, encoder: Encoder, model_version: str, store: FeatureStore,
-                 index_dir: str | Path) -> None:
+                 index_dir: str | Path, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> None:
         self.encoder = encoder
+        self.memory_budget = memory_budget  # bytes an index may take: picks its kind
         self.model_version = model_version
         self.store = store
         self.index_dir = Path(index_dir)
@@ -143,7 +144,8 @@ class Indexes:
                 for name in only:
                     ids, vectors = (self._all_fragment_vectors(session, progress) if name == "fragments"
                                     else self._all_phrase_vectors(session, progress))
-                    built[name] = VectorIndex.build(ids, vectors, dim=self.encoder.dim)
+                    built[name] = VectorIndex.build(ids, vectors, dim=self.encoder.dim,
+                                                    memory_budget=self.memory_budget)
                 self._by_name.update(built)  # the swap: searches from now on see the new ones
                 self._save(state, only)
             except BaseException:

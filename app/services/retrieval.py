@@ -34,6 +34,7 @@ from app.services.query import ParsedQuery, combine, parse_query
 from app.services.uploads import decode_upload
 from index.featurestore import FeatureStore
 from index.fragments import GIVEN
+from index.vectors import DEFAULT_MEMORY_BUDGET
 from models.encoder import Encoder, pooled_numpy
 
 if TYPE_CHECKING:
@@ -61,10 +62,11 @@ class Engine:
     def load(
         cls, *, database: DatabaseEngine, scan_checkpoint: str | Path,
         detector_checkpoint: str | Path | None, data_dir: str | Path, device: str = "auto",
-        rebuild: bool = False,
+        rebuild: bool = False, memory_budget: int = DEFAULT_MEMORY_BUDGET,
     ) -> Engine:
         """Load the checkpoints and the feature store under ``data_dir``, then the indexes
-        (rebuilt when stale, or always with ``rebuild``)."""
+        (rebuilt when stale, or always with ``rebuild``; of the kind ``memory_budget`` bytes
+        allow)."""
         from app.db.session import session_factory
         from models.checkpoint import CheckpointError, resolve_device
         from models.regions import RegionExtractor
@@ -83,7 +85,7 @@ class Engine:
         store = FeatureStore(data_dir / "features",
                              extractor=extractor.version if extractor is not None else None)
         indexes = Indexes(encoder=Encoder(model, vocab), model_version=checkpoint.sha256,
-                          store=store, index_dir=data_dir / "index")
+                          store=store, index_dir=data_dir / "index", memory_budget=memory_budget)
         with session_factory(database)() as session:
             indexes.start(session, rebuild=rebuild)
         return cls(indexes=indexes, extractor=extractor, image_dir=data_dir / "images")
