@@ -334,6 +334,22 @@ class RegionExtractor:
         predictor = self.model.roi_heads.box_predictor
         return int(predictor.cls_score.in_features)
 
+    @torch.inference_mode()
+    def attribute_scores(self, features: np.ndarray) -> np.ndarray:
+        """(n, A) probabilities of the attribute words (``config.attribute_names``) for stored
+        region features (n, D_raw): the attribute head reads the box head's representation,
+        which is what a feature holds (its first columns, where more follows it)."""
+        heads = self.model.roi_heads
+        if not isinstance(heads, AttributeRoIHeads):
+            raise ValueError("this detector has no attribute head (trained without --attributes)")
+        head = heads.attribute_predictor
+        features = np.asarray(features, dtype=np.float32).reshape(len(features), -1)
+        if features.shape[1] < head.in_features:
+            raise ValueError(f"region features have {features.shape[1]} columns; the attribute "
+                             f"head reads {head.in_features}")
+        representation = torch.from_numpy(features[:, :head.in_features]).to(self.device)
+        return torch.sigmoid(head(representation)).float().cpu().numpy()
+
     # -- public API ---------------------------------------------------------------------
 
     @torch.inference_mode()

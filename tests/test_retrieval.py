@@ -12,6 +12,7 @@ from sqlalchemy import select
 
 from app.db.models import Artwork, Fragment, IndexBuild, Phrase
 from app.db.session import create_db_engine, session_factory
+from app.services.filters import ArtworkFilter
 from app.services.indexes import Indexes
 from app.services.ingest import delete_artwork, ingest_artwork
 from app.services.retrieval import Engine
@@ -23,6 +24,7 @@ from models.regions import crop_region_set
 from models.scan import load_scan, xattn_similarity
 from models.vocab import tokenize
 from tests.conftest import image_bytes
+from tests.test_folding import reference_fold
 
 ARTWORKS = [
     ("vase-1", "A blue vase with two gold birds among clouds.", {"source": "synth", "classification": "vase"}),
@@ -83,18 +85,20 @@ def similarity(model, images, image_lens, texts, text_lens):
 
 @torch.inference_mode()
 def exhaustive_search(engine, session, query, filters=None):
-    """Every fragment scored with cross attention: (fragment id, score), best first."""
+    """Every fragment scored with cross attention, folded by tests.test_folding's plain
+    reference: (fragment id, score), best first."""
     fragments = session.scalars(select(Fragment).order_by(Fragment.id)).all()
     if filters:
         fragments = [f for f in fragments
-                     if all(f.artwork.meta.get(k) == v for k, v in filters.items())]
+                     if all(f.artwork.meta.get(k) in v for k, v in filters.items())]
     raw, lens = padded_region_sets(engine.store, [f.region_rows for f in fragments])
     ids, n_words = word_ids(engine.encoder.vocab, normalise_phrase(query))
     text = engine.encoder.model.encode_texts(ids, n_words)
     scores = similarity(engine.encoder.model, engine.encoder.model.encode_images(raw, lens), lens, text, n_words)[:, 0]
-    ranked = sorted(zip([f.id for f in fragments], scores.tolist(), strict=True), key=lambda p: (-p[1], p[0]))
+    ranked = sorted(zip(fragments, scores.tolist(), strict=True), key=lambda p: (-p[1], p[0].id))
+    kept = reference_fold([(f.id, f.artwork_id, f.box) for f, _ in ranked])
     session.rollback()
-    return ranked
+    return [(f.id, s) for f, s in ranked if f.id in kept]
 
 
 @torch.inference_mode()
@@ -130,12 +134,15 @@ def test_two_stage_equals_exhaustive_when_k_covers_everything(loaded):
         few = engine.search_text(session, query, k=3, limit=10)
         assert len(few) == 3 and {h.fragment_id for h in few} <= {i for i, _ in reference}
         assert [h.score for h in few] == sorted((h.score for h in few), reverse=True)
-    filters = {"source": "museum"}
+    filters = {"source": ("museum",)}
     reference = exhaustive_search(engine, session, "painted box", filters)
-    hits = engine.search_text(session, "painted box", k=n, limit=n, filters=filters)
+    hits = engine.search_text(session, "painted box", k=n, limit=n, filters=ArtworkFilter(filters))
     assert [h.fragment_id for h in hits] == [i for i, _ in reference]
     assert {h.external_id for h in hits} == {"cat-3", "box-4"}
-    assert engine.search_text(session, "box", filters={"source": "nowhere"}) == []
+    assert engine.search_text(session, "box", filters=ArtworkFilter({"source": ("nowhere",)})) == []
+    # Any field, alternatives within a field, and the title.
+    either = ArtworkFilter({"classification": ("statue", "vase")}, title="CAT")
+    assert {h.external_id for h in engine.search_text(session, "box", k=n, limit=n, filters=either)} == {"cat-3"}
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # engine logic, not SQL

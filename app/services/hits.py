@@ -6,7 +6,7 @@ dataclasses), adding only its URLs to a fragment hit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,14 @@ class WordAttention:
 
 
 @dataclass(frozen=True)
+class AttributeScore:
+    """A word the detector's attribute head predicts for a fragment's box (probability 0 to 1)."""
+
+    word: str
+    score: float
+
+
+@dataclass(frozen=True)
 class FragmentHit:
     fragment_id: int
     artwork_id: int
@@ -37,6 +45,8 @@ class FragmentHit:
     width: int
     height: int
     attention: list[WordAttention]
+    also: list[int] = field(default_factory=list)  # fragment ids folded into this one
+    attributes: list[AttributeScore] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ the number of indexed items the result is exactly the exhaustive cross-attention
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,10 +27,13 @@ from sqlalchemy.orm import Session
 
 from app.db.models import Artwork, ArtworkPhrase, Fragment, Phrase, Region
 from app.services.artwork_regions import box_member_rows
-from app.services.hits import ArtworkRef, AttendedRegion, FragmentHit, PhraseHit, WordAttention
+from app.services.explain import attribute_words, word_attention
+from app.services.filters import ArtworkFilter
+from app.services.hits import ArtworkRef, FragmentHit, PhraseHit
 from app.services.indexes import Indexes, end_read
 from app.services.uploads import decode_upload
 from index.featurestore import FeatureStore
+from index.folding import FOLD_IOU, Folded, fold, rank
 from index.fragments import GIVEN
 from models.encoder import Encoder, pooled_numpy, words
 
@@ -85,10 +88,12 @@ class Engine:
 
     def search_text(
         self, session: Session, query: str, *, k: int = 100, limit: int = 10, offset: int = 0,
-        filters: Mapping[str, str] | None = None, timings: dict[str, float] | None = None,
+        filters: ArtworkFilter | None = None, fold_iou: float = FOLD_IOU,
+        timings: dict[str, float] | None = None,
     ) -> list[FragmentHit]:
         """Fragments that show ``query``, best first: FAISS top-``k`` by pooled vectors, then
-        cross-attention rerank; ``filters`` keep artworks whose metadata field equals a value."""
+        cross-attention rerank; ``filters`` keep the artworks they match. Fragments of one
+        artwork overlapping by ``fold_iou`` fold into the best (its hit lists them in ``also``)."""
         from collection.phrases import normalise_phrase
 
         _check_page(k, limit, offset)
@@ -98,23 +103,43 @@ class Engine:
             raise ValueError(f"query {query!r} has no words to search for")
         with _timed(timings, "encode"):
             text, text_lens = self.encoder.texts([normalised])  # (1, w, d), one vector per token
-        with _timed(timings, "stage1"):
-            found = self._fragment_candidates(session, pooled_numpy(text, text_lens), k, filters)
+        found, scores, kept, images, image_lens = self._ranked_fragments(
+            session, text, text_lens, k=k, need=min(offset + limit, k), filters=filters,
+            fold_iou=fold_iou, timings=timings)
         if not found:
             end_read(session)
             return []
         with _timed(timings, "rerank"):
-            images, image_lens = self.encoder.stored(self.store, [r.region_rows for r in found])
-            scores = self.encoder.model.similarity(images, image_lens, text, text_lens)[:, 0].float().cpu()
-            order = sorted(range(len(found)), key=lambda i: (-float(scores[i]), found[i].id))
-            page = order[offset: offset + limit]
-            hits = self._fragment_hits(session, [found[i] for i in page],
-                                       [float(scores[i]) for i in page],
-                                       images[page], image_lens[page], text[0], tokens)
-        return hits
+            page = kept[offset: offset + limit]
+            at = [f.position for f in page]
+            return self._fragment_hits(session, [found[i] for i in at], scores[at].tolist(),
+                                       [[found[i].id for i in f.also] for f in page],
+                                       images[at], image_lens[at], text[0], tokens)
+
+    def _ranked_fragments(
+        self, session: Session, text: torch.Tensor, text_lens: torch.Tensor, *, k: int, need: int,
+        filters: ArtworkFilter | None, fold_iou: float, timings: dict[str, float] | None,
+    ) -> tuple[list[Row], torch.Tensor, list[Folded], torch.Tensor, torch.Tensor]:
+        """The candidates, their cross-attention scores, their folded ranking
+        (:mod:`index.folding`) and encoded region sets, for a whole block of ``k``; a block
+        that folds to fewer than ``need`` grows by ``k`` while the index has more."""
+        block = k
+        while True:
+            with _timed(timings, "stage1"):
+                found = self._fragment_candidates(session, pooled_numpy(text, text_lens), k, filters)
+            if not found:
+                return [], torch.empty(0), [], torch.empty(0), torch.empty(0)
+            with _timed(timings, "rerank"):
+                images, image_lens = self.encoder.stored(self.store, [r.region_rows for r in found])
+                scores = self.encoder.model.similarity(images, image_lens, text, text_lens)[:, 0].float().cpu()
+                kept = fold([(r.x1, r.y1, r.x2, r.y2) for r in found], [r.artwork_id for r in found],
+                            rank(scores.numpy(), [r.id for r in found]), fold_iou)
+            if len(kept) >= need or len(found) < k:
+                return found, scores, kept, images, image_lens
+            k += block
 
     def _fragment_candidates(self, session: Session, query_vector: np.ndarray, k: int,
-                             filters: Mapping[str, str] | None) -> list[Row]:
+                             filters: ArtworkFilter | None) -> list[Row]:
         """The first stage: the top ``k`` fragments by pooled vector, as database rows."""
         allowed = self._allowed_fragments(session, filters) if filters else None
         if allowed is not None and not len(allowed):
@@ -129,48 +154,34 @@ class Engine:
         # A fragment deleted since FAISS answered has no row: it drops out here.
         return [rows[i] for i in candidates.tolist() if i in rows]
 
-    def _allowed_fragments(self, session: Session, filters: Mapping[str, str]) -> np.ndarray:
-        query = select(Fragment.id).join(Artwork, Fragment.artwork_id == Artwork.id)
-        for field, value in filters.items():
-            query = query.where(Artwork.meta[field].as_string() == str(value))
+    def _allowed_fragments(self, session: Session, filters: ArtworkFilter) -> np.ndarray:
+        query = filters.apply(select(Fragment.id).join(Artwork, Fragment.artwork_id == Artwork.id))
         return np.fromiter(session.scalars(query), dtype=np.int64)
 
     def _fragment_hits(
-        self, session: Session, rows: list[Row], scores: list[float], images: torch.Tensor,
-        image_lens: torch.Tensor, text: torch.Tensor, tokens: list[str],
+        self, session: Session, rows: list[Row], scores: list[float], also: list[list[int]],
+        images: torch.Tensor, image_lens: torch.Tensor, text: torch.Tensor, tokens: list[str],
     ) -> list[FragmentHit]:
         artwork_ids = {r.artwork_id for r in rows}
         artworks = {a.id: a for a in session.scalars(select(Artwork).where(Artwork.id.in_(artwork_ids)))}
         boxes = {(r.artwork_id, r.store_row): r.box for r in session.scalars(
             select(Region).where(Region.artwork_id.in_(artwork_ids)))}
+        attributes = attribute_words(self.extractor, self.store, [r.region_rows[0] for r in rows])
         hits = []
-        for row, score, image, n_regions in zip(rows, scores, images, image_lens.tolist(), strict=True):
+        for row, score, folded, seen, image, n_regions in zip(
+                rows, scores, also, attributes, images, image_lens.tolist(), strict=True):
             region_boxes = [boxes[(row.artwork_id, store_row)] for store_row in row.region_rows]
             artwork = artworks[row.artwork_id]
             hits.append(FragmentHit(
                 fragment_id=row.id, artwork_id=artwork.id, external_id=artwork.external_id,
                 title=artwork.title, box=(row.x1, row.y1, row.x2, row.y2), source=row.source,
                 score=score, width=artwork.width, height=artwork.height,
-                attention=self._attention(image[:n_regions], text[: len(tokens)], tokens,
-                                          region_boxes),
+                attention=word_attention(self.encoder.model, image[:n_regions],
+                                         text[: len(tokens)], tokens, region_boxes),
+                also=folded, attributes=seen,
             ))
         end_read(session)
         return hits
-
-    def _attention(self, image: torch.Tensor, text: torch.Tensor, tokens: list[str],
-                   region_boxes: list[tuple[float, float, float, float]]) -> list[WordAttention]:
-        """Per query word, the fragment's regions by the share of its attention, highest first.
-        image: (r, d) region vectors; text: (w, d) word vectors."""
-        from models.scan import word_region_attention
-
-        weights = word_region_attention(image, text, self.encoder.model.config.word_attention_lambda)  # (w, r)
-        attention = []
-        for word, word_weights in zip(tokens, weights.float().cpu().tolist(), strict=True):
-            ranked = sorted(zip(region_boxes, word_weights, strict=True), key=lambda bw: -bw[1])
-            # a softmax share lies in [0, 1]; clip float rounding so the API's bounds hold
-            attention.append(WordAttention(word, [AttendedRegion(tuple(b), min(1.0, max(0.0, w)))
-                                                  for b, w in ranked]))
-        return attention
 
     # -- image -> phrases -----------------------------------------------------------------
 

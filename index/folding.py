@@ -1,0 +1,76 @@
+"""One result per thing: fragments of one artwork whose boxes overlap fold into the best.
+
+An annotation fragment and the detected region on it, or two detections of one bird, are
+near-copies: a ranked list that shows both spends a place on nothing new. Folding walks a
+ranked list best first and keeps a fragment unless it overlaps (IoU >= ``threshold``) a kept
+fragment of the same artwork; then it folds into the first such kept fragment, which lists
+it in ``also``. Kept fragments of one artwork therefore never overlap by the threshold or
+more (greedy non-maximum suppression, per artwork). Equal scores rank by lower fragment id,
+so a fold is deterministic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from index.fragments import iou
+
+FOLD_IOU = 0.7
+
+
+@dataclass
+class Folded:
+    """One kept fragment: its position in the input and the positions it stands for."""
+
+    position: int
+    also: list[int] = field(default_factory=list)
+
+
+def rank(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Positions best first: higher score, then lower id."""
+    return np.lexsort((np.asarray(ids), -np.asarray(scores, dtype=np.float64)))
+
+
+def fold(boxes: np.ndarray, artworks: np.ndarray, order: np.ndarray,
+         threshold: float = FOLD_IOU) -> list[Folded]:
+    """Fold a ranked list.
+
+    boxes: (n, 4) xyxy; artworks: (n,) artwork of each fragment; order: positions best first
+    (:func:`rank`). Returns the kept fragments in rank order, each with the positions (in rank
+    order) that folded into it. ``threshold`` above 1 folds nothing.
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    artworks = np.asarray(artworks)
+    kept: list[Folded] = []
+    kept_of: dict[object, list[Folded]] = {}  # artwork -> its kept fragments, best first
+    for position in np.asarray(order).tolist():
+        same = kept_of.setdefault(artworks[position].item(), [])
+        if same:
+            overlaps = iou(boxes[position][None], boxes[[k.position for k in same]])[0]  # (m,)
+            hit = np.flatnonzero(overlaps >= threshold)
+            if len(hit):
+                same[hit[0]].also.append(position)
+                continue
+        folded = Folded(position)
+        same.append(folded)
+        kept.append(folded)
+    return kept
+
+
+def duplicate_share(boxes: np.ndarray, artworks: np.ndarray, order: np.ndarray,
+                    threshold: float = FOLD_IOU) -> float:
+    """The share of ``order`` (a top-n list) that overlaps a higher-ranked fragment of the
+    same artwork by ``threshold`` or more: what folding removes."""
+    order = np.asarray(order)
+    if not len(order):
+        return 0.0
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    artworks = np.asarray(artworks)
+    duplicates = 0
+    for i in range(1, len(order)):
+        above = order[:i][artworks[order[:i]] == artworks[order[i]]]
+        if len(above) and (iou(boxes[order[i]][None], boxes[above])[0] >= threshold).any():
+            duplicates += 1
+    return duplicates / len(order)
