@@ -34,12 +34,13 @@ def rank(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 
 def fold(boxes: np.ndarray, artworks: np.ndarray, order: np.ndarray,
-         threshold: float = FOLD_IOU) -> list[Folded]:
+         threshold: float = FOLD_IOU, *, limit: int | None = None) -> list[Folded]:
     """Fold a ranked list.
 
     boxes: (n, 4) xyxy; artworks: (n,) artwork of each fragment; order: positions best first
     (:func:`rank`). Returns the kept fragments in rank order, each with the positions (in rank
-    order) that folded into it. ``threshold`` above 1 folds nothing.
+    order) that folded into it; with ``limit``, stops at the first position past ``limit``
+    kept ones (what follows a page does not change it). ``threshold`` above 1 folds nothing.
     """
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     artworks = np.asarray(artworks)
@@ -53,6 +54,8 @@ def fold(boxes: np.ndarray, artworks: np.ndarray, order: np.ndarray,
             if len(hit):
                 same[hit[0]].also.append(position)
                 continue
+        if limit is not None and len(kept) == limit:
+            break
         folded = Folded(position)
         same.append(folded)
         kept.append(folded)
