@@ -45,7 +45,9 @@ def test_filters_keep_the_same_artworks_on_both_databases(db_session) -> None:
     assert kept(db_session, ArtworkFilter(title="0%_s")) == ["a-4"]
     assert kept(db_session, ArtworkFilter(title="%")) == ["a-4"]
     assert kept(db_session, ArtworkFilter({"source": ("museum",)}, title="box")) == ["a-3", "a-4"]
-    page, total = list_artworks(db_session, q="a-", filters=ArtworkFilter({"source": ("museum",)}),
+    assert kept(db_session, ArtworkFilter(text="A-3")) == ["a-3"]  # title or external id
+    assert kept(db_session, ArtworkFilter(text="gold")) == ["a-3"]
+    page, total = list_artworks(db_session, filters=ArtworkFilter({"source": ("museum",)}, text="a-"),
                                 limit=2, offset=0)
     assert [a.external_id for a in page] == ["a-3", "a-4"] and total == 3
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from dataclasses import replace
 from typing import Annotated, Any
 
 import numpy as np
@@ -208,7 +209,8 @@ def list_artworks(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> ArtworkPage:
-    artworks, total = catalog.list_artworks(session, q=q, filters=filters, limit=limit, offset=offset)
+    artworks, total = catalog.list_artworks(session, filters=replace(filters, text=q), limit=limit,
+                                            offset=offset)
     return ArtworkPage(items=[_summary(runtime, a) for a in artworks], total=total,
                        limit=limit, offset=offset)
 

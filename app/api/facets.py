@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated
 
 from fastapi import APIRouter, Query
@@ -24,6 +25,8 @@ MAX_FACET_FIELDS = 20
 )
 def facets(
     runtime: RuntimeDep, session: SessionDep, filters: FilterDep,
+    q: Annotated[str | None, Query(max_length=200, description="text in the title or external "
+                                   "id, as in GET /artworks")] = None,
     field: Annotated[list[str] | None, Query(
         description="metadata fields to count (repeat it); default the service's facet_fields",
         examples=["classification"])] = None,
@@ -33,6 +36,7 @@ def facets(
         raise Problem(422, "invalid-filter", "Invalid filter",
                       f"{len(names)} facet fields; at most {MAX_FACET_FIELDS}")
     names = [check_field_name(name, "field") for name in dict.fromkeys(names)]
+    filters = replace(filters, text=q)
     counts = facet_counts(session, filters, names)
     return Facets(total=count_artworks(session, filters),
                   fields={name: [FacetValue(value=v, count=c) for v, c in values]

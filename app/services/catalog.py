@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from PIL import Image
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
 from app.db.models import Annotation, Artwork, ArtworkPhrase, Fragment, Phrase
@@ -33,14 +33,10 @@ JPEG_QUALITY = 85
 
 
 def list_artworks(
-    session: Session, *, q: str | None, filters: ArtworkFilter, limit: int, offset: int
+    session: Session, *, filters: ArtworkFilter, limit: int, offset: int
 ) -> tuple[list[Artwork], int]:
-    """A page of artworks (oldest first) whose title or external id contains ``q`` and that
-    ``filters`` keep; and the total that match."""
+    """A page of the artworks ``filters`` keep (oldest first), and the total that match."""
     query = filters.apply(select(Artwork))
-    if q:
-        query = query.where(or_(Artwork.title.icontains(q, autoescape=True),
-                                Artwork.external_id.icontains(q, autoescape=True)))
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     page = session.scalars(query.order_by(Artwork.id).limit(limit).offset(offset)).all()
     return list(page), total

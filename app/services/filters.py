@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import ColumnElement, Select, String, cast, func, select
+from sqlalchemy import ColumnElement, Select, String, cast, func, or_, select
 from sqlalchemy.orm import Session
 
 from app.db.models import Artwork
@@ -27,13 +27,15 @@ def metadata_text(name: str) -> ColumnElement[str]:
 
 @dataclass(frozen=True)
 class ArtworkFilter:
-    """Metadata field -> accepted values, and a text the title contains (case-insensitive)."""
+    """Metadata field -> accepted values; a text the title contains; a text the title or the
+    external id contains (both case-insensitive)."""
 
     fields: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     title: str | None = None
+    text: str | None = None
 
     def __bool__(self) -> bool:
-        return bool(self.fields) or bool(self.title)
+        return bool(self.fields) or bool(self.title) or bool(self.text)
 
     def apply(self, query: Select, *, skip: str | None = None) -> Select:
         """``query`` (which selects from artworks) narrowed by the filter; ``skip`` leaves
@@ -43,6 +45,9 @@ class ArtworkFilter:
                 query = query.where(metadata_text(name).in_(values))
         if self.title:
             query = query.where(Artwork.title.icontains(self.title, autoescape=True))
+        if self.text:
+            query = query.where(or_(Artwork.title.icontains(self.text, autoescape=True),
+                                    Artwork.external_id.icontains(self.text, autoescape=True)))
         return query
 
 
