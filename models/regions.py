@@ -337,12 +337,12 @@ class RegionExtractor:
     @torch.inference_mode()
     def attribute_scores(self, features: np.ndarray) -> np.ndarray:
         """(n, A) probabilities of the attribute words (``config.attribute_names``) for stored
-        region features (n, D_raw): the attribute head reads the box head's representation,
-        which is what a feature holds (its first columns, where more follows it)."""
-        heads = self.model.roi_heads
-        if not isinstance(heads, AttributeRoIHeads):
+        region features (n, D_raw): the attribute head reads the representation a region
+        feature holds (its first ``in_features`` columns, where more follows them), so the
+        words come from what is stored, with no image."""
+        head = getattr(self.model.roi_heads, "attribute_predictor", None)
+        if head is None:
             raise ValueError("this detector has no attribute head (trained without --attributes)")
-        head = heads.attribute_predictor
         features = np.asarray(features, dtype=np.float32).reshape(len(features), -1)
         if features.shape[1] < head.in_features:
             raise ValueError(f"region features have {features.shape[1]} columns; the attribute "

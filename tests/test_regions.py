@@ -340,10 +340,10 @@ def test_the_attribute_head_learns_what_each_box_is_called():
     with pytest.raises(ValueError, match="no attribute head"):
         tiny_extractor().attribute_scores(stored)
     own, other = [], []
-    for image, annotations in samples:
-        boxes = np.asarray([a.box for a in annotations], dtype=np.float32)
+    for image, boxed in samples:
+        boxes = np.asarray([a.box for a in boxed], dtype=np.float32)
         box_scores = extractor.attribute_scores(extractor.pool(image, boxes).features)
-        for annotation, row in zip(annotations, box_scores, strict=True):
+        for annotation, row in zip(boxed, box_scores, strict=True):
             wanted = attribute_targets(annotation.phrase, ids).astype(bool)
             own.append(row[wanted].mean())
             other.append(row[~wanted].mean())
