@@ -167,6 +167,29 @@ def test_hits_carry_metadata_and_word_attention(loaded):
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # engine logic, not SQL
+def test_search_folds_a_block_before_paging_and_fetches_more(loaded):
+    engine, session = loaded
+    near = [{"phrase": "gold birds", "box": [4, 4, 30, 30]}, {"phrase": "two birds", "box": [5, 5, 30, 31]},
+            {"phrase": "birds", "box": [4, 5, 31, 30]}]
+    ingest_artwork(session, extractor=engine.extractor, store=engine.store, indexes=engine.indexes,
+                   image_dir=engine.image_dir, external_id="near-5", image_bytes=image_bytes(700),
+                   title="near", captions=["Two gold birds."], annotations=near)
+    n = engine.indexes.fragment_count()
+    hits = engine.search_text(session, "gold birds", k=n, limit=n)
+    assert sum(1 + len(h.also) for h in hits) == n > len(hits)  # every fragment, once
+    assert [h.fragment_id for h in hits] == [i for i, _ in exhaustive_search(engine, session, "gold birds")]
+    # Pages of one block come from one folded ranking: they add up to it, nothing twice.
+    pages = [engine.search_text(session, "gold birds", k=n, limit=2, offset=o) for o in range(0, len(hits), 2)]
+    assert [h.fragment_id for page in pages for h in page] == [h.fragment_id for h in hits]
+    # fold_iou 1 folds only equal boxes: every fragment comes back.
+    assert len(engine.search_text(session, "gold birds", k=n, limit=n, fold_iou=1.0)) == n
+    # A block of K that folds to fewer hits than the page needs grows by K.
+    kept = len(hits)
+    small = engine.search_text(session, "gold birds", k=kept, limit=kept)
+    assert len(small) == kept and [h.fragment_id for h in small] == [h.fragment_id for h in hits]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # engine logic, not SQL
 def test_annotate_equals_exhaustive_and_lists_artworks(loaded, tiny_extractor):
     engine, session = loaded
     n = engine.indexes.phrase_count()
