@@ -38,27 +38,27 @@ def fold(boxes: np.ndarray, artworks: np.ndarray, order: np.ndarray,
     """Fold a ranked list.
 
     boxes: (n, 4) xyxy; artworks: (n,) artwork of each fragment; order: positions best first
-    (:func:`rank`). Returns the kept fragments in rank order, each with the positions (in rank
-    order) that folded into it; with ``limit``, stops at the first position past ``limit``
-    kept ones (what follows a page does not change it). ``threshold`` above 1 folds nothing.
+    (:func:`rank`; only these are folded, so a prefix of a long ranking costs what its length
+    does). Returns the kept fragments in rank order, each with the positions (in rank order)
+    that folded into it; with ``limit``, stops at the first position past ``limit`` kept ones
+    (what follows a page does not change it). ``threshold`` above 1 folds nothing.
     """
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    artworks = np.asarray(artworks)
+    order = np.asarray(order, dtype=np.int64)
+    ranked = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)[order]  # (m, 4), best first
+    artwork_of = np.asarray(artworks)[order]
+    # Every pair of the ranked list at once; then a plain loop over each one's higher overlaps.
+    overlapping = (iou(ranked, ranked) >= threshold) & (artwork_of[:, None] == artwork_of[None, :])
     kept: list[Folded] = []
-    kept_of: dict[object, list[Folded]] = {}  # artwork -> its kept fragments, best first
-    for position in np.asarray(order).tolist():
-        same = kept_of.setdefault(artworks[position].item(), [])
-        if same:
-            overlaps = iou(boxes[position][None], boxes[[k.position for k in same]])[0]  # (m,)
-            hit = np.flatnonzero(overlaps >= threshold)
-            if len(hit):
-                same[hit[0]].also.append(position)
-                continue
+    kept_at: dict[int, int] = {}  # rank -> its index in kept
+    for rank_, row in enumerate(overlapping):
+        into = [kept_at[above] for above in np.flatnonzero(row[:rank_]).tolist() if above in kept_at]
+        if into:
+            kept[min(into)].also.append(int(order[rank_]))
+            continue
         if limit is not None and len(kept) == limit:
             break
-        folded = Folded(position)
-        same.append(folded)
-        kept.append(folded)
+        kept_at[rank_] = len(kept)
+        kept.append(Folded(int(order[rank_])))
     return kept
 
 

@@ -216,7 +216,7 @@ def folding_effect(scores: Scores, relevant: np.ndarray, candidates: AlignmentDa
         for query_scores, query_relevant in zip(matrix_q, relevant_q, strict=True):
             returned = np.flatnonzero(np.isfinite(query_scores))
             order = returned[folding.rank(query_scores[returned], returned)]
-            kept = [f.position for f in folding.fold(boxes, artworks, order, limit=top)]
+            kept = _folded_top(boxes, artworks, order, top)
             before.append(folding.duplicate_share(boxes, artworks, order[:top]))
             after.append(folding.duplicate_share(boxes, artworks, np.asarray(kept)))
             hit = np.flatnonzero(query_relevant[kept])
@@ -226,6 +226,17 @@ def folding_effect(scores: Scores, relevant: np.ndarray, candidates: AlignmentDa
                         **{f"r{k_}": metrics.recall(np.asarray(ranks), k_) for k_ in metrics.KS},
                         "r10_unfolded": metrics.recall(metrics.ranks(matrix_q, relevant_q), 10)}
     return result
+
+
+def _folded_top(boxes: np.ndarray, artworks: np.ndarray, order: np.ndarray, top: int) -> list[int]:
+    """The first ``top`` fragments of ``order`` once folded: folds a prefix, twice as long
+    while it folds to fewer (as the service fetches more candidates)."""
+    prefix = 4 * top
+    while True:
+        kept = folding.fold(boxes, artworks, order[:prefix], limit=top)
+        if len(kept) == top or prefix >= len(order):
+            return [f.position for f in kept]
+        prefix *= 2
 
 
 def _served_folding(encoder: Encoder, collection: Collection, store: FeatureStore, *, split: str,

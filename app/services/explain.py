@@ -2,13 +2,12 @@
 words the detector's attribute head reads in the fragment's box.
 
 Both come from what is stored: the attention from the fragment's encoded region set, the
-attribute words from its box's raw feature (the head reads the box head's representation,
-which is that feature), so nothing new is stored for either.
+attribute words from its box's raw feature (the head reads the representation that feature
+holds), so nothing new is stored for either.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,7 +16,6 @@ import torch
 from app.services.hits import AttendedRegion, AttributeScore, WordAttention
 
 if TYPE_CHECKING:
-    from index.featurestore import FeatureStore
     from models.regions import RegionExtractor
     from models.scan import SCAN
 
@@ -40,14 +38,13 @@ def word_attention(model: SCAN, image: torch.Tensor, text: torch.Tensor, tokens:
     return attention
 
 
-def attribute_words(extractor: RegionExtractor | None, store: FeatureStore,
-                    store_rows: Sequence[int]) -> list[list[AttributeScore]]:
-    """Per feature-store row, the detector's top attribute words with their probabilities;
-    empty lists when there is no detector or it has no attribute head."""
-    if extractor is None or not extractor.config.attribute_names or not len(store_rows):
-        return [[] for _ in store_rows]
+def attribute_words(extractor: RegionExtractor | None, features: np.ndarray) -> list[list[AttributeScore]]:
+    """Per box, from its raw region feature (n, D_raw), the detector's top attribute words with
+    their probabilities; empty lists when there is no detector or it has no attribute head."""
+    if extractor is None or not extractor.config.attribute_names or not len(features):
+        return [[] for _ in range(len(features))]
     names = extractor.config.attribute_names
-    scores = extractor.attribute_scores(store.features(np.asarray(store_rows, dtype=np.int64)))  # (n, A)
+    scores = extractor.attribute_scores(features)  # (n, A)
     top = np.argsort(-scores, axis=1, kind="stable")[:, :ATTRIBUTE_WORDS]
     return [[AttributeScore(names[j], float(row[j])) for j in best]
             for row, best in zip(scores, top, strict=True)]

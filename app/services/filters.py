@@ -12,10 +12,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 from sqlalchemy import ColumnElement, Select, String, cast, func, or_, select
 from sqlalchemy.orm import Session
 
-from app.db.models import Artwork
+from app.db.models import Artwork, Fragment
 
 FACET_VALUES = 20  # values listed per facet field, most frequent first
 
@@ -68,3 +69,9 @@ def facet_counts(session: Session, artwork_filter: ArtworkFilter, names: Sequenc
 
 def count_artworks(session: Session, artwork_filter: ArtworkFilter) -> int:
     return session.scalar(artwork_filter.apply(select(func.count(Artwork.id)))) or 0
+
+
+def fragment_ids(session: Session, artwork_filter: ArtworkFilter) -> np.ndarray:
+    """(n,) int64 ids of the fragments of the artworks the filter keeps: search's FAISS selector."""
+    query = artwork_filter.apply(select(Fragment.id).join(Artwork, Fragment.artwork_id == Artwork.id))
+    return np.fromiter(session.scalars(query), dtype=np.int64)

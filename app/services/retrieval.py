@@ -28,14 +28,14 @@ from sqlalchemy.orm import Session
 from app.db.models import Artwork, ArtworkPhrase, Fragment, Phrase, Region
 from app.services.artwork_regions import box_member_rows
 from app.services.explain import attribute_words, word_attention
-from app.services.filters import ArtworkFilter
+from app.services.filters import ArtworkFilter, fragment_ids
 from app.services.hits import ArtworkRef, FragmentHit, PhraseHit
 from app.services.indexes import Indexes, end_read
 from app.services.uploads import decode_upload
 from index.featurestore import FeatureStore
 from index.folding import FOLD_IOU, Folded, fold, rank
 from index.fragments import GIVEN
-from models.encoder import Encoder, pooled_numpy, words
+from models.encoder import Encoder, pooled_numpy, stored_region_sets, words
 
 if TYPE_CHECKING:
     from models.regions import RegionExtractor
@@ -103,7 +103,7 @@ class Engine:
             raise ValueError(f"query {query!r} has no words to search for")
         with _timed(timings, "encode"):
             text, text_lens = self.encoder.texts([normalised])  # (1, w, d), one vector per token
-        found, scores, kept, images, image_lens = self._ranked_fragments(
+        found, scores, kept, own, images, image_lens = self._ranked_fragments(
             session, text, text_lens, k=k, need=min(offset + limit, k), filters=filters,
             fold_iou=fold_iou, timings=timings)
         if not found:
@@ -114,34 +114,35 @@ class Engine:
             at = [f.position for f in page]
             return self._fragment_hits(session, [found[i] for i in at], scores[at].tolist(),
                                        [[found[i].id for i in f.also] for f in page],
-                                       images[at], image_lens[at], text[0], tokens)
+                                       own[at], images[at], image_lens[at], text[0], tokens)
 
     def _ranked_fragments(
         self, session: Session, text: torch.Tensor, text_lens: torch.Tensor, *, k: int, need: int,
         filters: ArtworkFilter | None, fold_iou: float, timings: dict[str, float] | None,
-    ) -> tuple[list[Row], torch.Tensor, list[Folded], torch.Tensor, torch.Tensor]:
-        """The candidates, their cross-attention scores, their folded ranking
-        (:mod:`index.folding`) and encoded region sets, for a whole block of ``k``; a block
-        that folds to fewer than ``need`` grows by ``k`` while the index has more."""
+    ) -> tuple[list[Row], torch.Tensor, list[Folded], np.ndarray, torch.Tensor, torch.Tensor]:
+        """A whole block of ``k`` candidates: rows, cross-attention scores, folded ranking
+        (:mod:`index.folding`), boxes' own raw features (n, D_raw) and encoded region sets. A
+        block that folds to fewer than ``need`` grows by ``k`` while the index has more."""
         block = k
         while True:
             with _timed(timings, "stage1"):
                 found = self._fragment_candidates(session, pooled_numpy(text, text_lens), k, filters)
             if not found:
-                return [], torch.empty(0), [], torch.empty(0), torch.empty(0)
+                return [], torch.empty(0), [], np.empty(0), torch.empty(0), torch.empty(0)
             with _timed(timings, "rerank"):
-                images, image_lens = self.encoder.stored(self.store, [r.region_rows for r in found])
+                raw, raw_lens = stored_region_sets(self.store, [r.region_rows for r in found])
+                images, image_lens = self.encoder.region_sets(raw, raw_lens)  # (n, r, d)
                 scores = self.encoder.model.similarity(images, image_lens, text, text_lens)[:, 0].float().cpu()
                 kept = fold([(r.x1, r.y1, r.x2, r.y2) for r in found], [r.artwork_id for r in found],
                             rank(scores.numpy(), [r.id for r in found]), fold_iou)
             if len(kept) >= need or len(found) < k:
-                return found, scores, kept, images, image_lens
+                return found, scores, kept, raw[:, 0].numpy(), images, image_lens
             k += block
 
     def _fragment_candidates(self, session: Session, query_vector: np.ndarray, k: int,
                              filters: ArtworkFilter | None) -> list[Row]:
         """The first stage: the top ``k`` fragments by pooled vector, as database rows."""
-        allowed = self._allowed_fragments(session, filters) if filters else None
+        allowed = fragment_ids(session, filters) if filters else None
         if allowed is not None and not len(allowed):
             return []
         _, candidates = self.indexes["fragments"].search(query_vector, k, allowed_ids=allowed)
@@ -154,19 +155,18 @@ class Engine:
         # A fragment deleted since FAISS answered has no row: it drops out here.
         return [rows[i] for i in candidates.tolist() if i in rows]
 
-    def _allowed_fragments(self, session: Session, filters: ArtworkFilter) -> np.ndarray:
-        query = filters.apply(select(Fragment.id).join(Artwork, Fragment.artwork_id == Artwork.id))
-        return np.fromiter(session.scalars(query), dtype=np.int64)
-
     def _fragment_hits(
         self, session: Session, rows: list[Row], scores: list[float], also: list[list[int]],
-        images: torch.Tensor, image_lens: torch.Tensor, text: torch.Tensor, tokens: list[str],
+        own: np.ndarray, images: torch.Tensor, image_lens: torch.Tensor, text: torch.Tensor,
+        tokens: list[str],
     ) -> list[FragmentHit]:
         artwork_ids = {r.artwork_id for r in rows}
         artworks = {a.id: a for a in session.scalars(select(Artwork).where(Artwork.id.in_(artwork_ids)))}
-        boxes = {(r.artwork_id, r.store_row): r.box for r in session.scalars(
-            select(Region).where(Region.artwork_id.in_(artwork_ids)))}
-        attributes = attribute_words(self.extractor, self.store, [r.region_rows[0] for r in rows])
+        needed = {row for r in rows for row in r.region_rows}  # columns, not objects: it is hot
+        boxes = {(artwork_id, row): box for artwork_id, row, *box in session.execute(
+            select(Region.artwork_id, Region.store_row, Region.x1, Region.y1, Region.x2, Region.y2)
+            .where(Region.artwork_id.in_(artwork_ids), Region.store_row.in_(needed)))}
+        attributes = attribute_words(self.extractor, own)
         hits = []
         for row, score, folded, seen, image, n_regions in zip(
                 rows, scores, also, attributes, images, image_lens.tolist(), strict=True):
