@@ -45,6 +45,14 @@ class Retrieval(BaseModel):
     """The two-stage search: FAISS candidates, then the cross-attention rerank."""
 
     candidates: int = Field(100, ge=1, le=10_000, description="K: candidates reranked by SCAN")
+    fold_iou: float = Field(
+        0.7, gt=0, le=1, description="fragments of one artwork whose boxes overlap by this IoU "
+        "or more fold into the best-scoring one (one result per thing); 1 folds only equal boxes"
+    )
+    facet_fields: list[str] = Field(
+        default_factory=lambda: ["classification", "period", "date", "source"],
+        description="metadata fields counted as facets (GET /facets) unless a request names others",
+    )
 
 
 class Settings(BaseSettings):
