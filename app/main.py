@@ -99,9 +99,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def _include_routes(app: FastAPI) -> None:
-    from app.api import annotate, artworks, docs, health, search
+    from app.api import annotate, artworks, docs, facets, health, search
 
-    for module in (health, search, annotate, artworks):
+    for module in (health, search, annotate, artworks, facets):
         app.include_router(module.router)
     docs.install(app)
     if (STATIC_DIR / "index.html").is_file():

@@ -57,6 +57,14 @@ class Retrieval(BaseModel):
         "most precise of IVF-Flat, IVF-SQ8 (8-bit codes) and IVF-PQ that fits "
         "(index.vectors.plan_index; docs/SCALING.md has the measured trade-offs)",
     )
+    fold_iou: float = Field(
+        0.7, gt=0, le=1, description="fragments of one artwork whose boxes overlap by this IoU "
+        "or more fold into the best-scoring one (one result per thing); 1 folds only equal boxes"
+    )
+    facet_fields: list[str] = Field(
+        default_factory=lambda: ["classification", "period", "date", "source"],
+        description="metadata fields counted as facets (GET /facets) unless a request names others",
+    )
 
 
 class Settings(BaseSettings):

@@ -470,6 +470,22 @@ class RegionExtractor:
             return heads.region_dim
         return int(heads.box_predictor.cls_score.in_features)
 
+    @torch.inference_mode()
+    def attribute_scores(self, features: np.ndarray) -> np.ndarray:
+        """(n, A) probabilities of the attribute words (``config.attribute_names``) for stored
+        region features (n, D_raw): the attribute head reads the representation a region
+        feature holds (its first ``in_features`` columns, where more follows them), so the
+        words come from what is stored, with no image."""
+        head = getattr(self.model.roi_heads, "attribute_predictor", None)
+        if head is None:
+            raise ValueError("this detector has no attribute head (trained without --attributes)")
+        features = np.asarray(features, dtype=np.float32).reshape(len(features), -1)
+        if features.shape[1] < head.in_features:
+            raise ValueError(f"region features have {features.shape[1]} columns; the attribute "
+                             f"head reads {head.in_features}")
+        representation = torch.from_numpy(features[:, :head.in_features]).to(self.device)
+        return torch.sigmoid(head(representation)).float().cpu().numpy()
+
     # -- public API ---------------------------------------------------------------------
 
     @torch.inference_mode()

@@ -123,6 +123,9 @@ TINY_WORDS = ("blue vase gold bird birds two cloud clouds dragon among red cat h
               "standing statue painted box of with a the and figure stone green lotus").split()
 
 
+TINY_ATTRIBUTES = ("gold", "bird", "red", "blue")  # the tiny detector's attribute head
+
+
 @dataclass(frozen=True)
 class TinyCheckpoints:
     detector: Path  # a randomly initialised compact-FPN Faster R-CNN, D_raw = 32
@@ -145,7 +148,7 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> TinyCheckpoint
     torch.manual_seed(0)
     detector_config = DetectorConfig(
         image_size=64, top_k=6, min_k=3, proposals=20, representation_size=32,
-        fpn_channels=16, box_batch_size_per_image=16,
+        fpn_channels=16, box_batch_size_per_image=16, attribute_names=list(TINY_ATTRIBUTES),
     )
     save_checkpoint(folder / "detector.pt", kind="detector", config=detector_config.to_dict(),
                     state_dict=build_detector(detector_config).state_dict())

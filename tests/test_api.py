@@ -191,6 +191,78 @@ def test_list_filter_and_page_artworks(client: TestClient) -> None:
     assert hits["items"] and {h["artwork_id"] for h in hits["items"]} <= plate_ids
 
 
+def test_filters_and_facets(client: TestClient) -> None:
+    for n, (classification, period) in enumerate((("cup", "Ming"), ("cup", "Qing"), ("jar", "Ming"))):
+        form = artwork_form(f"facet-{n}", seed=80 + n, title=f"Facet {classification} {n}",
+                            metadata={"source": "facet-test", "classification": classification,
+                                      "period": period})
+        assert client.post("/artworks", headers=WRITE, **form).status_code == 201
+
+    def listed(**params) -> list[str]:
+        response = client.get("/artworks", params={"source": "facet-test", **params})
+        assert response.status_code == 200, response.text
+        return [i["external_id"] for i in response.json()["items"]]
+
+    assert listed(filter="period:Ming") == ["facet-0", "facet-2"]
+    assert listed(filter=["period:Ming", "classification:cup"]) == ["facet-0"]
+    assert listed(filter=["classification:cup", "classification:jar"]) == ["facet-0", "facet-1", "facet-2"]
+    assert listed(title="JAR") == ["facet-2"]
+    assert listed(filter="period:Tang") == []
+    for bad in ("period", "pe\"riod:x", ":x"):
+        assert_problem(client.get("/artworks", params={"filter": bad}), 422, "filter")
+    assert_problem(client.get("/facets", params={"field": "a'b"}), 422, "field")
+
+    # Search restricts FAISS to the filtered artworks' fragments, not a short list.
+    ids = {client.get("/artworks", params={"q": f"facet-{n}"}).json()["items"][0]["id"] for n in (0, 2)}
+    found = client.get("/search", params={"q": "gold birds", "filter": "period:Ming", "limit": 100}).json()
+    assert found["items"] and {h["artwork_id"] for h in found["items"]} == ids
+
+    facets = client.get("/facets", params={"source": "facet-test", "filter": "period:Ming",
+                                           "field": ["classification", "period"]}).json()
+    assert facets == {"total": 2, "fields": {
+        "classification": [{"value": "cup", "count": 1}, {"value": "jar", "count": 1}],
+        "period": [{"value": "Ming", "count": 2}, {"value": "Qing", "count": 1}]}}
+    default = client.get("/facets", params={"source": "facet-test"}).json()["fields"]
+    assert list(default) == ["classification", "period", "date", "source"]
+    # source counts its values under the other conditions (none): the other tests' sources too
+    assert {"value": "facet-test", "count": 3} in default["source"] and default["date"] == []
+
+
+def test_one_result_per_thing_with_the_detectors_words(client: TestClient) -> None:
+    from index.fragments import iou
+
+    near = [{"phrase": "gold birds", "box": [4, 4, 30, 30]}, {"phrase": "two birds", "box": [5, 5, 30, 30]}]
+    artwork_id = client.post("/artworks", headers=WRITE, **artwork_form(
+        "fold-1", seed=90, annotations=near)).json()["id"]
+    detail = client.get(f"/artworks/{artwork_id}").json()
+    annotated = [f for f in detail["fragments"] if f["source"] == "annotation"]
+    # Two annotations IoU 0.92 apart, both certain: the lower id stands for the other.
+    assert len(annotated) == 1 and len(annotated[0]["also"]) >= 1
+    shown = [f["id"] for f in detail["fragments"]]
+    folded = [i for f in detail["fragments"] for i in f["also"]]
+    with client.app.state.runtime.sessions() as session:
+        from sqlalchemy import select
+
+        from app.db.models import Fragment
+
+        stored = set(session.scalars(select(Fragment.id).where(Fragment.artwork_id == artwork_id)))
+    assert sorted(shown + folded) == sorted(stored) and annotated[0]["id"] < min(annotated[0]["also"])
+    boxes = np.array([f["box"] for f in detail["fragments"]])
+    overlaps = iou(boxes, boxes)
+    assert (overlaps[~np.eye(len(boxes), dtype=bool)] < 0.7).all()
+    for fragment in detail["fragments"]:
+        words = fragment["attributes"]
+        assert len(words) == 3 and {w["word"] for w in words} <= {"gold", "bird", "red", "blue"}
+        assert [w["score"] for w in words] == sorted((w["score"] for w in words), reverse=True)
+
+    hits = client.get("/search", params={"q": "gold birds", "limit": 100, "filter": "source:tests"}).json()["items"]
+    mine = [h for h in hits if h["artwork_id"] == artwork_id]
+    assert mine and sum(1 + len(h["also"]) for h in mine) == len(stored)
+    boxes = np.array([h["box"] for h in mine])
+    assert (iou(boxes, boxes)[~np.eye(len(boxes), dtype=bool)] < 0.7).all()
+    assert all(len(h["attributes"]) == 3 for h in hits)
+
+
 def test_annotate_an_upload_and_a_box(client: TestClient) -> None:
     report = client.post("/artworks", headers=WRITE, **artwork_form(
         "annotate-1", seed=21, captions=["A green lotus on a stone statue."])).json()
@@ -489,3 +561,20 @@ def test_demo_model_reads_a_visitors_own_words(demo_client: TestClient, syntheti
                     and iou(np.array([hit["box"]]), np.array([box]))[0, 0] >= 0.5
                     for hit in answer["items"] for artwork_id, box in boxes)
     assert hits / len(truth) >= 0.7, f"a top-5 fragment shows the thing for {hits}/{len(truth)} synonyms"
+
+
+def test_demo_top_tens_hold_one_fragment_per_thing(demo_client: TestClient, synthetic: list) -> None:
+    from index.fragments import iou
+    from models.regions import RegionExtractor
+
+    names = set(RegionExtractor.from_checkpoint(DEMO_MODELS / "detector.pt").config.attribute_names)
+    folded = 0
+    for phrase in sorted({g.phrase for art in synthetic for g in art.groups}):
+        items = demo_client.get("/search", params={"q": phrase, "limit": 10}).json()["items"]
+        folded += sum(len(h["also"]) for h in items)
+        for i, first in enumerate(items):
+            for second in items[i + 1:]:
+                assert first["artwork_id"] != second["artwork_id"] or iou(
+                    np.array([first["box"]]), np.array([second["box"]]))[0, 0] < 0.7, phrase
+            assert len(first["attributes"]) == 3 and {w["word"] for w in first["attributes"]} <= names
+    assert folded > 0  # annotation boxes and the detections on them did fold

@@ -563,3 +563,81 @@ def test_resize_a_box_by_its_handles(page, service: Service) -> None:
     step = max(1, round(height * 0.02))
     assert keyed == [touched[0], max(0, touched[1] - step), touched[2], touched[3]]
     screenshot(page, "resize-handles")
+
+
+def test_facets_narrow_browse_and_search(page, service: Service) -> None:
+    page.goto("/#/browse")
+    page.locator("#browse-grid .card").first.wait_for()
+    facet = page.locator("#browse-facets fieldset").filter(has=page.locator("legend", has_text="classification"))
+    facet.locator("input").first.wait_for()
+    counts = service.get_json("/facets?field=classification")["fields"]["classification"]
+    labels = [label.inner_text().split() for label in facet.locator("label").all()]
+    assert [(" ".join(words[:-1]), int(words[-1])) for words in labels] == \
+        [(c["value"], c["count"]) for c in counts]
+    chosen = counts[-1]  # the rarest, so the grid visibly shrinks
+    box = page.get_by_role("checkbox", name=re.compile(rf"^{re.escape(chosen['value'])} \d+$"))
+    with page.expect_request(lambda request: "/artworks?" in request.url):
+        box.check()
+    wanted = service.get_json(f"/artworks?{urllib.parse.urlencode({'filter': 'classification:' + chosen['value']})}")
+    page.wait_for_function("n => document.querySelectorAll('#browse-grid .card').length === n", arg=wanted["total"])
+    assert wanted["total"] == chosen["count"]
+    assert page.locator("#browse-summary").text_content().endswith(f"classification:{chosen['value']}")
+    hash_params = urllib.parse.parse_qs(page.evaluate("location.hash").split("?", 1)[1])
+    assert hash_params["filter"] == [f"classification:{chosen['value']}"]
+    # The other fields now count under the filter.
+    source = service.get_json(f"/facets?{urllib.parse.urlencode({'filter': 'classification:' + chosen['value']})}")
+    page.wait_for_function(
+        "n => [...document.querySelectorAll('#browse-facets fieldset')].some(f => f.querySelector('legend')"
+        ".textContent === 'source' && f.querySelector('.count').textContent === String(n))",
+        arg=source["fields"]["source"][0]["count"])
+    assert_controls_named(page)
+    screenshot(page, "browse-facets")
+    box.uncheck()
+    page.wait_for_function("n => document.querySelectorAll('#browse-grid .card').length === n",
+                           arg=min(24, len(collection_artworks(service))))
+
+    # Search: the same facets restrict the fragments searched.
+    _, annotation = largest_annotation(service)
+    page.goto(f"/#/search?{urllib.parse.urlencode({'q': annotation.phrase})}")
+    page.locator("#search-results .result").first.wait_for()
+    search_box = page.locator("#search-facets").get_by_role(
+        "checkbox", name=re.compile(rf"^{re.escape(chosen['value'])} \d+$"))
+    with page.expect_response(lambda response: "/search?" in response.url and "filter=" in response.url):
+        search_box.check()
+    answer = service.get_json(f"/search?{urllib.parse.urlencode({'q': annotation.phrase, 'limit': 12, 'filter': 'classification:' + chosen['value']})}")
+    page.wait_for_function("n => document.querySelectorAll('#search-results .result').length === n",
+                           arg=len(answer["items"]))
+    allowed = {item["id"] for item in wanted["items"]}
+    assert answer["items"] and {hit["artwork_id"] for hit in answer["items"]} <= allowed
+    titles = [t.text_content() for t in page.locator("#search-results .result-title a").all()]
+    assert titles == [hit["title"] or hit["external_id"] for hit in answer["items"]]
+    screenshot(page, "search-facets")
+
+
+def test_boxes_are_labelled_with_what_the_detector_saw(page, service: Service) -> None:
+    _, annotation = largest_annotation(service)
+    answer = service.get_json(f"/search?{urllib.parse.urlencode({'q': annotation.phrase, 'limit': 12})}")
+    best = answer["items"][0]
+    assert len(best["attributes"]) == 3, "the page's detector has an attribute head"
+    words = " · ".join(entry["word"] for entry in best["attributes"][:2])
+    page.goto(f"/#/search?{urllib.parse.urlencode({'q': annotation.phrase})}")
+    first = page.locator("#search-results .result").first
+    first.wait_for()
+    assert first.locator("text.box-label").text_content() == words
+    assert first.locator(".seen").text_content() == f"Detector: {words}"
+    folded = [hit for hit in answer["items"] if hit["also"]]
+    assert page.locator("#search-results .also").count() == len(folded)
+
+    detail = service.get_json(f"/artworks/{best['artwork_id']}")
+    shown = [f for f in detail["fragments"] if f["source"] != "whole"]
+    page.goto(f"/#/artworks/{best['artwork_id']}")
+    chips = page.locator("#fragment-list button")
+    chips.first.wait_for()
+    assert chips.count() == len(shown)  # one per thing: folded fragments are not listed
+    for chip, fragment in zip(chips.all(), shown, strict=True):
+        assert chip.text_content().endswith(" · ".join(entry["word"] for entry in fragment["attributes"][:2]))
+    label = page.locator(".layer-fragments .box-label").first
+    assert not label.is_visible()
+    chips.first.hover()  # pointing at a fragment's chip shows its box's words on the image
+    assert label.is_visible()
+    screenshot(page, "artwork-labels")

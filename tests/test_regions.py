@@ -334,6 +334,30 @@ def test_the_attribute_head_learns_what_each_box_is_called():
     extractor = RegionExtractor(model, config, version="test")
     record = extractor.extract([samples[0][0]])[0]
     assert record.features.shape[1] == TINY["representation_size"]
+    # ... so the head's words come back from a stored (float16) feature at serving time: the
+    # plain formula, the same with columns after the box head's (a wider region feature),
+    # and the trained head puts a box's own words above the others.
+    stored = record.features.astype(np.float16)
+    head = model.roi_heads.attribute_predictor
+    weight, bias = head.weight.detach().numpy(), head.bias.detach().numpy()
+    scores = extractor.attribute_scores(stored)  # (n, A)
+    plain = 1 / (1 + np.exp(-(stored.astype(np.float32) @ weight.T + bias)))
+    np.testing.assert_allclose(scores, plain, atol=1e-5)
+    wider = np.concatenate([stored, np.ones((len(stored), 7), np.float16)], axis=1)
+    np.testing.assert_allclose(extractor.attribute_scores(wider), scores, atol=1e-6)
+    with pytest.raises(ValueError, match="columns"):
+        extractor.attribute_scores(stored[:, :10])
+    with pytest.raises(ValueError, match="no attribute head"):
+        tiny_extractor().attribute_scores(stored)
+    own, other = [], []
+    for image, boxed in samples:
+        boxes = np.asarray([a.box for a in boxed], dtype=np.float32)
+        box_scores = extractor.attribute_scores(extractor.pool(image, boxes).features)
+        for annotation, row in zip(boxed, box_scores, strict=True):
+            wanted = attribute_targets(annotation.phrase, ids).astype(bool)
+            own.append(row[wanted].mean())
+            other.append(row[~wanted].mean())
+    assert np.mean(own) > np.mean(other)
     with pytest.raises(ValueError, match="distinct"):
         DetectorConfig(**TINY, attribute_names=["red", "red"])
 

@@ -12,6 +12,7 @@ from sqlalchemy import select
 
 from app.db.models import Artwork, Fragment, IndexBuild, Phrase
 from app.db.session import create_db_engine, session_factory
+from app.services.filters import ArtworkFilter
 from app.services.indexes import Indexes
 from app.services.ingest import delete_artwork, ingest_artwork
 from app.services.retrieval import Engine
@@ -23,6 +24,7 @@ from models.regions import crop_region_set
 from models.scan import load_scan, xattn_similarity
 from models.vocab import tokenize
 from tests.conftest import image_bytes
+from tests.test_folding import reference_fold
 
 ARTWORKS = [
     ("vase-1", "A blue vase with two gold birds among clouds.", {"source": "synth", "classification": "vase"}),
@@ -83,11 +85,12 @@ def similarity(model, images, image_lens, texts, text_lens):
 
 @torch.inference_mode()
 def exhaustive_search(engine, session, query, filters=None):
-    """Every fragment scored with cross attention: (fragment id, score), best first."""
+    """Every fragment scored with cross attention, folded by tests.test_folding's plain
+    reference: (fragment id, score), best first."""
     fragments = session.scalars(select(Fragment).order_by(Fragment.id)).all()
     if filters:
         fragments = [f for f in fragments
-                     if all(f.artwork.meta.get(k) == v for k, v in filters.items())]
+                     if all(f.artwork.meta.get(k) in v for k, v in filters.items())]
     raw, lens = padded_region_sets(engine.store, [f.region_rows for f in fragments])
     images = engine.encoder.model.encode_images(raw, lens)
     per_phrase = []  # one phrase at a time; then (best + mean) / 2 over the phrases
@@ -97,9 +100,10 @@ def exhaustive_search(engine, session, query, filters=None):
         per_phrase.append(similarity(engine.encoder.model, images, lens, text, n_words)[:, 0])
     stacked = torch.stack(per_phrase)  # (p, n)
     scores = (stacked.amax(dim=0) + stacked.mean(dim=0)) / 2
-    ranked = sorted(zip([f.id for f in fragments], scores.tolist(), strict=True), key=lambda p: (-p[1], p[0]))
+    ranked = sorted(zip(fragments, scores.tolist(), strict=True), key=lambda p: (-p[1], p[0].id))
+    kept = reference_fold([(f.id, f.artwork_id, f.box) for f, _ in ranked])
     session.rollback()
-    return ranked
+    return [(f.id, s) for f, s in ranked if f.id in kept]
 
 
 @torch.inference_mode()
@@ -137,12 +141,15 @@ def test_two_stage_equals_exhaustive_when_k_covers_everything(loaded):
         n_phrases = len(engine.parse_query(query).phrases)
         assert 3 <= len(few) <= 3 * n_phrases and {h.fragment_id for h in few} <= {i for i, _ in reference}
         assert [h.score for h in few] == sorted((h.score for h in few), reverse=True)
-    filters = {"source": "museum"}
+    filters = {"source": ("museum",)}
     reference = exhaustive_search(engine, session, "painted box", filters)
-    hits = engine.search_text(session, "painted box", k=n, limit=n, filters=filters)
+    hits = engine.search_text(session, "painted box", k=n, limit=n, filters=ArtworkFilter(filters))
     assert [h.fragment_id for h in hits] == [i for i, _ in reference]
     assert {h.external_id for h in hits} == {"cat-3", "box-4"}
-    assert engine.search_text(session, "box", filters={"source": "nowhere"}) == []
+    assert engine.search_text(session, "box", filters=ArtworkFilter({"source": ("nowhere",)})) == []
+    # Any field, alternatives within a field, and the title.
+    either = ArtworkFilter({"classification": ("statue", "vase")}, title="CAT")
+    assert {h.external_id for h in engine.search_text(session, "box", k=n, limit=n, filters=either)} == {"cat-3"}
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # engine logic, not SQL
@@ -164,6 +171,29 @@ def test_hits_carry_metadata_and_word_attention(loaded):
         assert [r.weight for r in word.regions] == sorted((r.weight for r in word.regions), reverse=True)
     with pytest.raises(ValueError, match="no words"):
         engine.search_text(session, "  ...  ")
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # engine logic, not SQL
+def test_search_folds_a_block_before_paging_and_fetches_more(loaded):
+    engine, session = loaded
+    near = [{"phrase": "gold birds", "box": [4, 4, 30, 30]}, {"phrase": "two birds", "box": [5, 5, 30, 31]},
+            {"phrase": "birds", "box": [4, 5, 31, 30]}]
+    ingest_artwork(session, extractor=engine.extractor, store=engine.store, indexes=engine.indexes,
+                   image_dir=engine.image_dir, external_id="near-5", image_bytes=image_bytes(700),
+                   title="near", captions=["Two gold birds."], annotations=near)
+    n = engine.indexes.fragment_count()
+    hits = engine.search_text(session, "gold birds", k=n, limit=n)
+    assert sum(1 + len(h.also) for h in hits) == n > len(hits)  # every fragment, once
+    assert [h.fragment_id for h in hits] == [i for i, _ in exhaustive_search(engine, session, "gold birds")]
+    # Pages of one block come from one folded ranking: they add up to it, nothing twice.
+    pages = [engine.search_text(session, "gold birds", k=n, limit=2, offset=o) for o in range(0, len(hits), 2)]
+    assert [h.fragment_id for page in pages for h in page] == [h.fragment_id for h in hits]
+    # fold_iou 1 folds only equal boxes: every fragment comes back.
+    assert len(engine.search_text(session, "gold birds", k=n, limit=n, fold_iou=1.0)) == n
+    # A block of K that folds to fewer hits than the page needs grows by K.
+    kept = len(hits)
+    small = engine.search_text(session, "gold birds", k=kept, limit=kept)
+    assert len(small) == kept and [h.fragment_id for h in small] == [h.fragment_id for h in hits]
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # engine logic, not SQL

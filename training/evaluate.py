@@ -35,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 from collection.layout import Collection
+from index import folding
 from models.encoder import Encoder
 from models.scan import load_scan, pooled
 from training import metrics
@@ -188,6 +189,11 @@ def evaluate_fine(encoder: Encoder, collection: Collection, store: FeatureStore,
     phrase_to_fragment = task(fragment_scores, fragment_relevant, queries_are_rows=False, k=k,
                               query_rows=columns)
     phrase_to_fragment["oracle"] = float(100 * fragment_relevant[:, columns].any(axis=0).mean())
+    phrase_to_fragment["folding"] = {
+        "detected": folding_effect(fragment_scores, fragment_relevant, candidates, columns, k=k),
+        "served": _served_folding(encoder, collection, store, split=split, k=k, boxes_of=boxes_of,
+                                  query_phrases=[phrase for _, phrase in queries]),
+    }
     grounding = _grounding(fragment_scores, candidates, queries, columns, boxes_of)
     return {
         "crop_to_phrase": crop_to_phrase,
@@ -198,6 +204,59 @@ def evaluate_fine(encoder: Encoder, collection: Collection, store: FeatureStore,
         "counts": {"annotation_crops": len(crops.fragment_rows), "phrases": len(crops.texts),
                    "phrase_queries": len(queries), "fragments": len(candidates.fragment_rows)},
     }
+
+
+def folding_effect(scores: Scores, relevant: np.ndarray, candidates: AlignmentData,
+                   columns: np.ndarray, *, k: int, top: int = 10) -> dict:
+    """Phrase -> fragment before and after folding (:mod:`index.folding`), for exhaustive
+    SCAN and the two-stage path: the share of top-``top`` results that overlap a higher-ranked
+    fragment of the same artwork (IoU >= 0.7), and R@1/5/10 of the folded ranking."""
+    matrices = {"scan": scores.scan, "two_stage": two_stage(scores, k, queries_are_rows=True)}
+    boxes, artworks = candidates.fragment_boxes, candidates.fragment_artworks
+    result = {}
+    for name, matrix in matrices.items():
+        matrix_q = matrix.T[columns].numpy()  # (n_query, n_fragment)
+        relevant_q = relevant.T[columns]
+        before, after, ranks = [], [], []
+        for query_scores, query_relevant in zip(matrix_q, relevant_q, strict=True):
+            returned = np.flatnonzero(np.isfinite(query_scores))
+            order = returned[folding.rank(query_scores[returned], returned)]
+            kept = _folded_top(boxes, artworks, order, top)
+            before.append(folding.duplicate_share(boxes, artworks, order[:top]))
+            after.append(folding.duplicate_share(boxes, artworks, np.asarray(kept)))
+            hit = np.flatnonzero(query_relevant[kept])
+            ranks.append(float(hit[0]) if len(hit) else np.inf)
+        result[name] = {"duplicates_before": float(100 * np.mean(before)),
+                        "duplicates_after": float(100 * np.mean(after)),
+                        **{f"r{k_}": metrics.recall(np.asarray(ranks), k_) for k_ in metrics.KS},
+                        "r10_unfolded": metrics.recall(metrics.ranks(matrix_q, relevant_q), 10)}
+    return result
+
+
+def _folded_top(boxes: np.ndarray, artworks: np.ndarray, order: np.ndarray, top: int) -> list[int]:
+    """The first ``top`` fragments of ``order`` once folded: folds a prefix, twice as long
+    while it folds to fewer (as the service fetches more candidates)."""
+    prefix = 4 * top
+    while True:
+        kept = folding.fold(boxes, artworks, order[:prefix], limit=top)
+        if len(kept) == top or prefix >= len(order):
+            return [f.position for f in kept]
+        prefix *= 2
+
+
+def _served_folding(encoder: Encoder, collection: Collection, store: FeatureStore, *, split: str,
+                    k: int, boxes_of: dict, query_phrases: list[str]) -> dict:
+    """:func:`folding_effect` over the fragments the service indexes: whole, extracted and
+    annotation boxes. An annotation box and the detection on it are the near-copies a visitor
+    sees; the evaluation's own candidates leave annotation boxes out, and the detector's NMS
+    keeps its detections apart."""
+    served = split_fragments(collection, store, encoder.reader, split=split,
+                             texts=list(dict.fromkeys(query_phrases)),
+                             sources=("whole", "extracted", "annotation"))
+    column_of = {text: i for i, text in enumerate(served.texts)}
+    columns = np.asarray([column_of[phrase] for phrase in query_phrases], dtype=np.int64)
+    relevant = phrase_relevance(served, served.texts, boxes_of)
+    return folding_effect(score(encoder, served), relevant, served, columns, k=k)
 
 
 def _with_texts(data: AlignmentData, texts: list[str], encoder: Encoder) -> AlignmentData:
@@ -289,8 +348,20 @@ def format_result(result: dict) -> str:
                      "queries have any fragment with IoU >= 0.5 (the ceiling)")
         lines.append(f"Grounding within the artwork R@1: SCAN {grounding['scan']['r1']:.1f}, "
                      f"pooled {grounding['pooled']['r1']:.1f} (n={grounding['scan']['n']})")
+        lines += _folding_lines(result["phrase_to_fragment"]["folding"])
     lines.append(f"counts: {result['counts']}")
     return "\n".join(lines)
+
+
+def _folding_lines(folding: dict) -> list[str]:
+    lines = ["Phrase -> fragment top-10 duplicates (IoU >= 0.7 with a higher one, same artwork), "
+             "before -> after folding; R@1/5/10 after folding (R@10 before):"]
+    for candidates, effects in folding.items():
+        for scorer, effect in effects.items():
+            lines.append(f"  {candidates} fragments, {scorer}: {effect['duplicates_before']:.1f}% -> "
+                         f"{effect['duplicates_after']:.1f}%; R@1/5/10 {effect['r1']:.1f} / "
+                         f"{effect['r5']:.1f} / {effect['r10']:.1f} ({effect['r10_unfolded']:.1f})")
+    return lines
 
 
 def plain_json(value):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from dataclasses import replace
 from typing import Annotated, Any
 
 import numpy as np
@@ -18,7 +19,7 @@ from fastapi.responses import FileResponse
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
-from app.api.deps import RuntimeDep, SessionDep, WriterDep, content_type
+from app.api.deps import FilterDep, RuntimeDep, SessionDep, WriterDep, content_type
 from app.api.errors import NotFound, Problem, invalid_request, to_problem
 from app.api.schemas import (
     MAX_ID,
@@ -196,19 +197,20 @@ async def batch(
 # --- reads, by id ------------------------------------------------------------------------
 
 
-@router.get("/artworks", response_model=ArtworkPage, summary="Artworks, a page at a time")
+@router.get("/artworks", response_model=ArtworkPage, summary="Artworks, a page at a time",
+            description="Filtered in the database: `q` (title or external id), `title`, and "
+                        "metadata values (`filter=field:value`, repeatable; `source`, "
+                        "`classification`). GET /facets counts the values under the same filter.")
 def list_artworks(
     runtime: RuntimeDep,
     session: SessionDep,
+    filters: FilterDep,
     q: Annotated[str | None, Query(max_length=200, description="text in the title or external id")] = None,
-    source: Annotated[str | None, Query(max_length=200, description="metadata source equals")] = None,
-    classification: Annotated[str | None, Query(max_length=200, description="metadata classification equals")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> ArtworkPage:
-    filters = {name: value for name, value in
-               (("source", source), ("classification", classification)) if value is not None}
-    artworks, total = catalog.list_artworks(session, q=q, filters=filters, limit=limit, offset=offset)
+    artworks, total = catalog.list_artworks(session, filters=replace(filters, text=q), limit=limit,
+                                            offset=offset)
     return ArtworkPage(items=[_summary(runtime, a) for a in artworks], total=total,
                        limit=limit, offset=offset)
 
@@ -391,12 +393,19 @@ def _summary(runtime: Runtime, artwork: Artwork) -> ArtworkSummary:
 
 
 def _detail(runtime: Runtime, session: Session, artwork_id: int) -> ArtworkDetail:
+    from app.services.explain import attribute_words
+
     artwork = catalog.get_artwork(session, artwork_id, full=True)
+    shown = catalog.shown_fragments(artwork, fold_iou=runtime.settings.retrieval.fold_iou)
+    engine = runtime.engine
+    seen = attribute_words(engine.extractor, engine.store.features(
+        np.asarray([f.region_rows[0] for f, _ in shown], dtype=np.int64)))
     return ArtworkDetail(
         **_summary(runtime, artwork).model_dump(),
         captions=[caption.text for caption in artwork.captions],
         phrases=catalog.phrases_of(session, artwork_id),
-        fragments=[FragmentOut(id=f.id, box=list(f.box), source=f.source) for f in artwork.fragments],
+        fragments=[FragmentOut(id=f.id, box=list(f.box), source=f.source, also=also, attributes=words)
+                   for (f, also), words in zip(shown, seen, strict=True)],
     )
 
 

@@ -3,16 +3,18 @@ and the caller's API key."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request, Security
+from fastapi import Depends, Query, Request, Security
 from fastapi.security import APIKeyHeader
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.api.errors import Problem
 from app.runtime import Runtime
+from app.services.filters import ArtworkFilter
 from app.settings import hash_api_key
 
 
@@ -65,3 +67,46 @@ def require_api_key(
 
 
 WriterDep = Annotated[str, Depends(require_api_key)]
+
+
+METADATA_FIELD = re.compile(r"^\w[\w .-]{0,99}$")  # a metadata field's name as a filter names it
+MAX_FILTERS = 20
+
+
+def check_field_name(name: str, where: str) -> str:
+    if not METADATA_FIELD.match(name):
+        raise Problem(422, "invalid-filter", "Invalid filter",
+                      f"{where}: {name!r} is not a metadata field name (letters, digits, _ . - "
+                      "and spaces, at most 100)")
+    return name
+
+
+def get_artwork_filter(
+    filters: Annotated[list[str] | None, Query(
+        alias="filter", description="`field:value`: only artworks whose metadata field holds the "
+        "value (compared as text). Repeat it: values of one field are alternatives, different "
+        "fields must all hold.", examples=["classification:vase"])] = None,
+    source: Annotated[str | None, Query(max_length=200, description="shorthand for filter=source:…")] = None,
+    classification: Annotated[str | None, Query(
+        max_length=200, description="shorthand for filter=classification:…")] = None,
+    title: Annotated[str | None, Query(max_length=200, description="only artworks whose title "
+                                       "contains this text (any case)")] = None,
+) -> ArtworkFilter:
+    """The metadata filter of a listing, a search or a facet count."""
+    pairs = [item.split(":", 1) if ":" in item else [item] for item in filters or []]
+    pairs += [["source", source]] if source is not None else []
+    pairs += [["classification", classification]] if classification is not None else []
+    if len(pairs) > MAX_FILTERS:
+        raise Problem(422, "invalid-filter", "Invalid filter",
+                      f"{len(pairs)} filters; at most {MAX_FILTERS}")
+    fields: dict[str, tuple[str, ...]] = {}
+    for pair in pairs:
+        if len(pair) != 2 or len(pair[1]) > 200:
+            raise Problem(422, "invalid-filter", "Invalid filter",
+                          f"filter {':'.join(pair)!r}: write field:value (a value of at most 200 characters)")
+        name = check_field_name(pair[0], "filter")
+        fields[name] = (*fields.get(name, ()), pair[1])
+    return ArtworkFilter(fields, title or None)
+
+
+FilterDep = Annotated[ArtworkFilter, Depends(get_artwork_filter)]

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from app.services.hits import PhraseHit, WordAttention
+from app.services.hits import AttributeScore, PhraseHit, WordAttention
 
 MAX_ID = 2**63 - 1  # ids are BIGINT: a larger number names nothing
 BOX_DESCRIPTION = "[x1, y1, x2, y2] in the artwork's original pixels, x1 < x2, y1 < y2"
@@ -72,16 +72,26 @@ class ArtworkSummary(BaseModel):
     thumbnail_url: str = Field(examples=["/artworks/17/thumbnail"])
 
 
+ALSO_DESCRIPTION = ("ids of the artwork's fragments folded into this one: their boxes overlap it "
+                    "(IoU at or above the service's fold_iou) and they score lower")
+ATTRIBUTES_DESCRIPTION = ("the detector's most probable attribute words for the box, with their "
+                          "probabilities (empty when the detector has no attribute head)")
+
+
 class FragmentOut(BaseModel):
     id: int
     box: Box
     source: Literal["whole", "extracted", "annotation", "crop"]
+    also: list[int] = Field(description=ALSO_DESCRIPTION)
+    attributes: list[AttributeScore] = Field(description=ATTRIBUTES_DESCRIPTION)
 
 
 class ArtworkDetail(ArtworkSummary):
     captions: list[str] = Field(examples=[["A blue porcelain vase with two gold birds."]])
     phrases: list[str] = Field(examples=[["blue porcelain vase", "two gold birds"]])
-    fragments: list[FragmentOut]
+    fragments: list[FragmentOut] = Field(
+        description="one per thing, the most confident first (annotations, then detections by "
+                    "score): overlapping fragments fold into it (`also`)")
 
 
 class ArtworkPage(BaseModel):
@@ -89,6 +99,22 @@ class ArtworkPage(BaseModel):
     total: int = Field(description="artworks matching the filter, over all pages")
     limit: int
     offset: int
+
+
+class FacetValue(BaseModel):
+    value: str
+    count: int = Field(description="artworks holding the value that the other filters keep")
+
+
+class Facets(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "total": 120, "fields": {"classification": [{"value": "vase", "count": 41},
+                                                    {"value": "box", "count": 30}]}}]})
+
+    total: int = Field(description="artworks the whole filter keeps")
+    fields: dict[str, list[FacetValue]] = Field(
+        description="per metadata field, its most frequent values and their counts under the "
+                    "filter without that field's own condition (so its values stay alternatives)")
 
 
 class AnnotationIn(BaseModel):
@@ -158,6 +184,7 @@ class SearchHit(BaseModel):
         "title": "Blue porcelain vase", "box": [40, 52, 120, 110], "score": 0.71,
         "crop_url": "/fragments/4512/image", "image_url": "/artworks/17/image",
         "thumbnail_url": "/artworks/17/thumbnail", "width": 256, "height": 256,
+        "also": [4519], "attributes": [{"word": "gold", "score": 0.93}, {"word": "birds", "score": 0.88}],
         "attention": [{"word": "birds", "regions": [{"box": [44, 56, 80, 100], "weight": 0.62},
                                                     {"box": [40, 52, 120, 110], "weight": 0.38}]}],
     }]})
@@ -176,6 +203,8 @@ class SearchHit(BaseModel):
     height: int
     attention: list[WordAttention] = Field(
         description="for each query word, the fragment's regions it attended to")
+    also: list[int] = Field(description=ALSO_DESCRIPTION)
+    attributes: list[AttributeScore] = Field(description=ATTRIBUTES_DESCRIPTION)
 
 
 class SearchPage(BaseModel):

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Query
 
-from app.api.deps import RuntimeDep, SessionDep
+from app.api.deps import FilterDep, RuntimeDep, SessionDep
 from app.api.errors import Problem
 from app.api.schemas import SearchHit, SearchPage
 from app.runtime import Runtime
@@ -38,7 +38,12 @@ router = APIRouter(tags=["retrieval"])
         "`unknown_words` lists the query words the model cannot use (outside a vocabulary "
         "model's words; none for the pretrained MiniLM text encoder). A page past the first K "
         "hits fetches and reranks K more candidates at a time, so every page of one block of "
-        "K comes from the same candidates."
+        "K comes from the same candidates. One result per thing: fragments of one artwork "
+        "whose boxes overlap (IoU >= the service's fold_iou, 0.7 by default) fold into the "
+        "best-scoring one, which lists them in `also`; a block is folded as a whole before it "
+        "is paged, and grows by K while it folds to fewer hits than the page needs. Filters "
+        "(`filter`, `title`, `source`, `classification`) restrict the FAISS search to the "
+        "artworks they keep."
     ),
     responses={
         422: {"description": "empty, wordless or over-long query"},
@@ -48,12 +53,11 @@ router = APIRouter(tags=["retrieval"])
 async def search(
     runtime: RuntimeDep,
     session: SessionDep,
+    filters: FilterDep,
     q: Annotated[str, Query(min_length=1, description="a phrase, e.g. 'two gold birds'",
                             examples=["two gold birds"])],
     limit: Annotated[int, Query(ge=1, le=100, description="hits per page")] = 10,
     offset: Annotated[int, Query(ge=0, le=10_000, description="hits to skip")] = 0,
-    source: Annotated[str | None, Query(max_length=200, description="only artworks with this metadata source")] = None,
-    classification: Annotated[str | None, Query(max_length=200, description="only artworks of this classification")] = None,
 ) -> SearchPage:
     settings = runtime.settings
     if len(q) > settings.limits.max_query_chars:
@@ -62,12 +66,10 @@ async def search(
     # Whole blocks of K: the pages within one block rank the same candidates.
     block = runtime.candidates("fragments")
     candidates = -(-(offset + limit) // block) * block
-    filters = {name: value for name, value in
-               (("source", source), ("classification", classification)) if value is not None}
     timings: dict[str, float] = {}
     parsed, hits = await runtime.pool.run(
         _search, runtime.engine, session, q, k=candidates, limit=limit, offset=offset,
-        filters=filters or None, timings=timings,
+        filters=filters or None, fold_iou=settings.retrieval.fold_iou, timings=timings,
     )
     runtime.metrics.observe_stages(timings)
     return SearchPage(query=q, phrases=parsed.phrases, whole_query=parsed.whole,
@@ -89,5 +91,6 @@ def _hit(runtime: Runtime, hit: FragmentHit) -> SearchHit:
         crop_url=runtime.url(f"/fragments/{hit.fragment_id}/image"),
         image_url=runtime.url(f"/artworks/{hit.artwork_id}/image"),
         thumbnail_url=runtime.url(f"/artworks/{hit.artwork_id}/thumbnail"),
-        width=hit.width, height=hit.height, attention=hit.attention,
+        width=hit.width, height=hit.height, attention=hit.attention, also=hit.also,
+        attributes=hit.attributes,
     )

@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from PIL import Image
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
 from app.db.models import Annotation, Artwork, ArtworkPhrase, Fragment, Phrase
+from app.services.filters import ArtworkFilter
 from index.atomic import write_atomic
+from index.folding import fold, rank
 
 if TYPE_CHECKING:
     from app.services.retrieval import Engine
@@ -31,30 +33,37 @@ JPEG_QUALITY = 85
 
 
 def list_artworks(
-    session: Session, *, q: str | None, filters: dict[str, str], limit: int, offset: int
+    session: Session, *, filters: ArtworkFilter, limit: int, offset: int
 ) -> tuple[list[Artwork], int]:
-    """A page of artworks (oldest first) whose title or external id contains ``q``, with the
-    metadata fields in ``filters`` equal to the given values; and the total that match."""
-    query = select(Artwork)
-    if q:
-        pattern = f"%{q}%"
-        query = query.where(or_(Artwork.title.ilike(pattern), Artwork.external_id.ilike(pattern)))
-    for field, value in filters.items():
-        query = query.where(Artwork.meta[field].as_string() == value)
+    """A page of the artworks ``filters`` keep (oldest first), and the total that match."""
+    query = filters.apply(select(Artwork))
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     page = session.scalars(query.order_by(Artwork.id).limit(limit).offset(offset)).all()
     return list(page), total
 
 
 def get_artwork(session: Session, artwork_id: int, *, full: bool = False) -> Artwork:
-    """The artwork; with ``full`` its captions and fragments loaded too."""
+    """The artwork; with ``full`` its captions, fragments and regions loaded too."""
     query = select(Artwork).where(Artwork.id == artwork_id)
     if full:
-        query = query.options(selectinload(Artwork.captions), selectinload(Artwork.fragments))
+        query = query.options(selectinload(Artwork.captions), selectinload(Artwork.fragments),
+                              selectinload(Artwork.regions))
     artwork = session.scalar(query)
     if artwork is None:
         raise LookupError(f"no artwork {artwork_id!r}")
     return artwork
+
+
+def shown_fragments(artwork: Artwork, *, fold_iou: float) -> list[tuple[Fragment, list[int]]]:
+    """The artwork's fragments, one per thing (:mod:`index.folding`), each with the ids of
+    those folded into it: ranked by the detector's confidence in the box (an annotation's or
+    the whole image's is 1), ties by id. ``artwork`` is loaded ``full``."""
+    fragments = artwork.fragments
+    score_of_row = {region.store_row: region.score for region in artwork.regions}
+    scores = [score_of_row.get(f.region_rows[0], 0.0) for f in fragments]
+    kept = fold([f.box for f in fragments], [artwork.id] * len(fragments),
+                rank(scores, [f.id for f in fragments]), fold_iou)
+    return [(fragments[k.position], [fragments[i].id for i in k.also]) for k in kept]
 
 
 def phrases_of(session: Session, artwork_id: int) -> list[str]:

@@ -13,26 +13,26 @@ the number of indexed items the result is exactly the exhaustive cross-attention
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 from sqlalchemy import Engine as DatabaseEngine
-from sqlalchemy import Row, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.db.models import Artwork, ArtworkPhrase, Fragment, Phrase, Region
+from app.db.models import Artwork, ArtworkPhrase, Phrase
 from app.services.artwork_regions import box_member_rows
-from app.services.hits import ArtworkRef, FragmentHit, PhraseHit, word_attention
+from app.services.filters import ArtworkFilter
+from app.services.fragment_search import FragmentSearch, check_page, timed
+from app.services.hits import ArtworkRef, FragmentHit, PhraseHit
 from app.services.indexes import Indexes, end_read
-from app.services.query import ParsedQuery, combine, parse_query
+from app.services.query import ParsedQuery, parse_query
 from app.services.uploads import decode_upload
 from index.featurestore import FeatureStore
+from index.folding import FOLD_IOU
 from index.fragments import GIVEN
 from index.vectors import DEFAULT_MEMORY_BUDGET
 from models.encoder import Encoder, pooled_numpy
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 MAX_ARTWORKS_PER_PHRASE = 20  # a common phrase describes thousands; a hit lists the first few
 
 
-class Engine:
+class Engine(FragmentSearch):
     """Everything a search needs, loaded once; safe to share between request threads."""
 
     def __init__(self, *, indexes: Indexes, extractor: RegionExtractor | None = None,
@@ -99,81 +99,31 @@ class Engine:
 
     def search_text(
         self, session: Session, query: str | ParsedQuery, *, k: int = 100, limit: int = 10,
-        offset: int = 0, filters: Mapping[str, str] | None = None,
+        offset: int = 0, filters: ArtworkFilter | None = None, fold_iou: float = FOLD_IOU,
         timings: dict[str, float] | None = None,
     ) -> list[FragmentHit]:
         """Fragments that show ``query``, best first. The query is split into its noun
         phrases (:meth:`parse_query`); FAISS returns the top-``k`` fragments of each phrase's
         pooled vector, cross attention scores every candidate against every phrase, and
         :func:`app.services.query.combine` makes one score of them (with one phrase: its
-        score). ``filters`` keep artworks whose metadata field equals a value."""
-        _check_page(k, limit, offset)
-        with _timed(timings, "encode"):
+        score). ``filters`` keep the artworks they match. Fragments of one artwork
+        overlapping by ``fold_iou`` fold into the best (its hit lists them in ``also``)."""
+        check_page(k, limit, offset)
+        with timed(timings, "encode"):
             parsed = query if isinstance(query, ParsedQuery) else self.parse_query(query)
             text, text_lens = self.encoder.words(parsed.tokens)  # (p, w, d), a vector per word
-        with _timed(timings, "stage1"):
-            found = self._fragment_candidates(session, pooled_numpy(text, text_lens), k, filters)
+        found, scores, kept, own, images, image_lens = self._ranked_fragments(
+            session, text, text_lens, k=k, need=min(offset + limit, k), filters=filters,
+            fold_iou=fold_iou, timings=timings)
         if not found:
             end_read(session)
             return []
-        with _timed(timings, "rerank"):
-            images, image_lens = self.encoder.stored(self.store, [r.region_rows for r in found])
-            per_phrase = self.encoder.model.similarity(images, image_lens, text, text_lens)  # (n, p)
-            scores = combine(per_phrase).float().cpu()
-            order = sorted(range(len(found)), key=lambda i: (-float(scores[i]), found[i].id))
-            page = order[offset: offset + limit]
-            hits = self._fragment_hits(session, [found[i] for i in page],
-                                       [float(scores[i]) for i in page],
-                                       images[page], image_lens[page], text, parsed.tokens)
-        return hits
-
-    def _fragment_candidates(self, session: Session, query_vectors: np.ndarray, k: int,
-                             filters: Mapping[str, str] | None) -> list[Row]:
-        """The first stage: the union of the top ``k`` fragments of each phrase's pooled
-        vector (p, d), as database rows."""
-        allowed = self._allowed_fragments(session, filters) if filters else None
-        if allowed is not None and not len(allowed):
-            return []
-        _, found = self.indexes["fragments"].search(query_vectors, k, allowed_ids=allowed)  # (p, k)
-        # each phrase's nearest first, then each one's second, ...; -1 pads a short answer
-        candidates = [i for i in dict.fromkeys(found.T.reshape(-1).tolist()) if i >= 0]
-        rows = {r.id: r for r in session.execute(
-            select(Fragment.id, Fragment.artwork_id, Fragment.x1, Fragment.y1, Fragment.x2,
-                   Fragment.y2, Fragment.source, Fragment.region_rows)
-            .where(Fragment.id.in_(candidates))
-        )}
-        # A fragment deleted since FAISS answered has no row: it drops out here.
-        return [rows[i] for i in candidates if i in rows]
-
-    def _allowed_fragments(self, session: Session, filters: Mapping[str, str]) -> np.ndarray:
-        query = select(Fragment.id).join(Artwork, Fragment.artwork_id == Artwork.id)
-        for field, value in filters.items():
-            query = query.where(Artwork.meta[field].as_string() == str(value))
-        return np.fromiter(session.scalars(query), dtype=np.int64)
-
-    def _fragment_hits(
-        self, session: Session, rows: list[Row], scores: list[float], images: torch.Tensor,
-        image_lens: torch.Tensor, texts: torch.Tensor, tokens: list[list[str]],
-    ) -> list[FragmentHit]:
-        """Hits with their attention: texts (p, w, d) are the query's phrases, tokens their
-        words."""
-        artwork_ids = {r.artwork_id for r in rows}
-        artworks = {a.id: a for a in session.scalars(select(Artwork).where(Artwork.id.in_(artwork_ids)))}
-        boxes = {(r.artwork_id, r.store_row): r.box for r in session.scalars(
-            select(Region).where(Region.artwork_id.in_(artwork_ids)))}
-        hits = []
-        for row, score, image, n_regions in zip(rows, scores, images, image_lens.tolist(), strict=True):
-            region_boxes = [boxes[(row.artwork_id, store_row)] for store_row in row.region_rows]
-            artwork = artworks[row.artwork_id]
-            hits.append(FragmentHit(
-                fragment_id=row.id, artwork_id=artwork.id, external_id=artwork.external_id,
-                title=artwork.title, box=(row.x1, row.y1, row.x2, row.y2), source=row.source,
-                score=score, width=artwork.width, height=artwork.height,
-                attention=word_attention(image[:n_regions], texts, tokens, region_boxes,
-                                         self.encoder.model.config.word_attention_lambda),
-            ))
-        end_read(session)
-        return hits
+        with timed(timings, "rerank"):
+            page = kept[offset: offset + limit]
+            at = [f.position for f in page]
+            return self._fragment_hits(session, [found[i] for i in at], scores[at].tolist(),
+                                       [[found[i].id for i in f.also] for f in page],
+                                       own[at], images[at], image_lens[at], text, parsed.tokens)
 
     # -- image -> phrases -----------------------------------------------------------------
 
@@ -186,13 +136,13 @@ class Engine:
         features: (r, D_raw) raw features of the region set, its first row the box itself
         (as :meth:`annotate_box` and :func:`models.regions.crop_region_set` build them).
         """
-        _check_page(k, limit, offset)
+        check_page(k, limit, offset)
         features = np.asarray(features, dtype=np.float32)
         if features.ndim != 2 or not len(features):
             raise ValueError(f"region features must be (r, D_raw) with r >= 1, got {features.shape}")
-        with _timed(timings, "encode"):
+        with timed(timings, "encode"):
             image, image_lens = self.encoder.features([features])  # (1, r, d)
-        with _timed(timings, "stage1"):
+        with timed(timings, "stage1"):
             _, candidates = self.indexes["phrases"].search(pooled_numpy(image, image_lens), k)
             candidates = candidates[0][candidates[0] >= 0]
             texts = {phrase_id: text for phrase_id, text in session.execute(
@@ -201,7 +151,7 @@ class Engine:
         if not found:
             end_read(session)
             return []
-        with _timed(timings, "rerank"):
+        with timed(timings, "rerank"):
             phrases, phrase_lens = self.encoder.texts([t for _, t in found])
             scores = self.encoder.model.similarity(image, image_lens, phrases, phrase_lens)[0].float().cpu()
             order = sorted(range(len(found)), key=lambda i: (-float(scores[i]), found[i][0]))
@@ -241,7 +191,7 @@ class Engine:
             raise ValueError(f"box {list(box)} must satisfy 0 <= x1 < x2 <= {artwork.width} and "
                              f"0 <= y1 < y2 <= {artwork.height} (artwork {artwork_id}'s size)")
         extractor = self._extractor("annotate_box")
-        with _timed(timings, "extract"):
+        with timed(timings, "extract"):
             image = load_image(artwork.image_location, name=f"artwork {artwork_id}'s image")
             own = extractor.pool(image, box_array[None], kind=GIVEN).features  # (1, D_raw)
         members = self.store.features(np.array(box_member_rows(artwork, box_array), dtype=np.int64))
@@ -254,7 +204,7 @@ class Engine:
         k: int = 100, limit: int = 10, offset: int = 0, timings: dict[str, float] | None = None,
     ) -> list[PhraseHit]:
         """Phrases for an uploaded crop's file (decoded as every upload is)."""
-        with _timed(timings, "decode"):
+        with timed(timings, "decode"):
             crop = decode_upload(image_bytes, name="uploaded image", max_pixels=max_pixels)
         return self.annotate_image(session, crop, k=k, limit=limit, offset=offset, timings=timings)
 
@@ -266,7 +216,7 @@ class Engine:
         from models.regions import crop_region_set
 
         extractor = self._extractor("annotate_image")
-        with _timed(timings, "extract"):
+        with timed(timings, "extract"):
             features = crop_region_set(extractor, crop)
         return self.annotate_regions(session, features, k=k, limit=limit, offset=offset, timings=timings)
 
@@ -274,19 +224,3 @@ class Engine:
         if self.extractor is None:
             raise RuntimeError(f"this engine has no region extractor: {what} needs one")
         return self.extractor
-
-
-def _check_page(k: int, limit: int, offset: int) -> None:
-    if k < 1 or limit < 1 or offset < 0:
-        raise ValueError(f"need k >= 1, limit >= 1 and offset >= 0, got k={k}, limit={limit}, "
-                         f"offset={offset}")
-
-
-@contextmanager
-def _timed(timings: dict[str, float] | None, stage: str) -> Iterator[None]:
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        if timings is not None:
-            timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start

@@ -54,11 +54,13 @@ export async function api(path, { method = "GET", json, form, apiKey, signal } =
   return payload;
 }
 
-/** A query string from an object, leaving out empty values. */
+/** A query string from an object, leaving out empty values; an array value repeats its name. */
 export function query(params) {
   const search = new URLSearchParams();
   for (const [name, value] of Object.entries(params)) {
-    if (value !== undefined && value !== null && value !== "") search.set(name, String(value));
+    for (const item of Array.isArray(value) ? value : [value]) {
+      if (item !== undefined && item !== null && item !== "") search.append(name, String(item));
+    }
   }
   const text = search.toString();
   return text ? `?${text}` : "";

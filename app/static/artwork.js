@@ -3,7 +3,7 @@
 // annotation of that box.
 
 import { api, ApiError, latestOnly } from "./api.js";
-import { BoxEditor, Figure, smallestFragmentAt } from "./boxes.js";
+import { BoxEditor, Figure, seenWords, smallestFragmentAt } from "./boxes.js";
 import { el } from "./dom.js";
 import { clearError, setStatus, showError } from "./messages.js";
 import { renderPending, renderPhrases } from "./phrases.js";
@@ -86,9 +86,10 @@ function render(data) {
   fragments = (data.fragments || []).filter((fragment) => fragment.source !== "whole");
   figure.layer("fragments").classList.toggle("hidden", !$("show-fragments").checked);
   const items = fragments.map((fragment, index) => {
-    const rect = figure.drawBox("fragments", fragment.box, { className: `fragment ${fragment.source}` });
+    const seen = seenWords(fragment.attributes);
+    const rect = figure.drawBox("fragments", fragment.box, { className: `fragment ${fragment.source}`, label: seen });
     const [x1, y1, x2, y2] = fragment.box.map(Math.round);
-    const label = SOURCE_LABELS[fragment.source] || fragment.source;
+    const label = [SOURCE_LABELS[fragment.source] || fragment.source, seen].filter(Boolean).join(" · ");
     const button = el(
       "button",
       {

@@ -37,13 +37,28 @@ export class Figure {
     this.layer(name).replaceChildren();
   }
 
-  drawBox(name, box, { className = "", opacity } = {}) {
+  /** A box; with `label`, a text above it (inside the image), sized to the image. */
+  drawBox(name, box, { className = "", opacity, label } = {}) {
     const [x1, y1, x2, y2] = box;
     const rect = svgEl("rect", {
       x: x1, y: y1, width: Math.max(x2 - x1, 0), height: Math.max(y2 - y1, 0), class: className,
     });
     if (opacity !== undefined) rect.style.fillOpacity = String(opacity);
     this.layer(name).append(rect);
+    if (label) {
+      // Above the box, else below it, else inside its top; from its left edge, or its right
+      // edge in the image's right half, so the words stay on the image.
+      const size = Math.max(this.width, this.height) / 18;
+      let y = y1 > size ? y1 - size / 4 : y2 + size;
+      if (y > this.height) y = y1 + size;
+      const right = x1 > this.width / 2;
+      const text = svgEl("text", {
+        x: right ? x2 - 2 : x1 + 2, y, "text-anchor": right ? "end" : "start",
+        class: "box-label", "font-size": size.toFixed(1),
+      });
+      text.textContent = label;
+      this.layer(name).append(text);
+    }
     return rect;
   }
 
@@ -265,4 +280,9 @@ export class BoxEditor {
     this.setBox([x1, y1, x2, y2]);
     return true;
   }
+}
+
+/** The detector's two most probable words for a box, "gold · bird" ("" when it has none). */
+export function seenWords(attributes) {
+  return (attributes || []).slice(0, 2).map((entry) => entry.word).join(" · ");
 }

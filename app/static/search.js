@@ -1,19 +1,22 @@
 // Search: a phrase in, fragments out, each shown on its artwork with its box; hovering (or
 // focusing, or pressing) a query word shows the regions that word attended to, with the
-// attention weight as opacity.
+// attention weight as opacity. Facets narrow the search to artworks with chosen metadata;
+// each box is labelled with the words the detector read in it ("gold · bird").
 
 import { api, latestOnly, query } from "./api.js";
-import { Figure } from "./boxes.js";
+import { Figure, seenWords } from "./boxes.js";
 import { debounce, el, formatScore } from "./dom.js";
+import { Facets, filterParams, parseFilters } from "./facets.js";
 import { clearError, showError } from "./messages.js";
 
 const PAGE_SIZE = 12;
 const nextSignal = latestOnly();
 const $ = (id) => document.getElementById(id);
 
-let state = { q: "", offset: 0 };
+let state = { q: "", offset: 0, selected: new Map() };
 let shown = []; // [{item, figure}] for every result on the page
 let pinnedWord = null;
+let facets = null;
 
 export function initSearch() {
   const typed = debounce(() => {
@@ -27,18 +30,23 @@ export function initSearch() {
     start($("search-q").value.trim());
   });
   $("search-more").addEventListener("click", () => load(state.offset + PAGE_SIZE));
+  facets = new Facets($("search-facets"), { onChange: (selected) => start(state.q, selected) });
 }
 
 export function showSearch(params) {
   const q = params.get("q") || "";
+  const selected = parseFilters(params);
   if ($("search-q").value.trim() !== q) $("search-q").value = q;
-  if (q !== state.q || !shown.length) start(q);
+  if (q !== state.q || !shown.length || filterParams(selected).join() !== filterParams(state.selected).join()) {
+    start(q, selected);
+  }
   $("search-q").focus();
 }
 
-function start(q) {
-  history.replaceState(null, "", `#/search${query({ q })}`);
-  state = { q, offset: 0 };
+function start(q, selected = state.selected) {
+  history.replaceState(null, "", `#/search${query({ q, filter: filterParams(selected) })}`);
+  state = { q, offset: 0, selected };
+  facets.load(selected);
   shown = [];
   pinnedWord = null;
   $("search-results").replaceChildren();
@@ -59,7 +67,10 @@ async function load(offset) {
   results.setAttribute("aria-busy", "true");
   $("search-summary").textContent = offset ? "Loading more…" : `Searching for “${state.q}”…`;
   try {
-    const answer = await api(`/search${query({ q: state.q, limit: PAGE_SIZE, offset })}`, { signal: nextSignal() });
+    const answer = await api(
+      `/search${query({ q: state.q, limit: PAGE_SIZE, offset, filter: filterParams(state.selected) })}`,
+      { signal: nextSignal() },
+    );
     state.offset = offset;
     const cards = answer.items.map((item, index) => card(item, offset + index + 1));
     results.append(...cards);
@@ -96,7 +107,8 @@ function card(item, rank) {
     alt: `${title}, with the matching fragment outlined`,
     loading: "lazy",
   });
-  figure.drawBox("match", item.box, { className: "match" });
+  const seen = seenWords(item.attributes);
+  figure.drawBox("match", item.box, { className: "match", label: seen });
   shown.push({ item, figure });
   if (pinnedWord) showAttention(figure, item, pinnedWord);
   return el(
@@ -118,6 +130,9 @@ function card(item, rank) {
         el("a", { href: `#/artworks/${item.artwork_id}` }, title)),
       el("span", { class: "score", title: "similarity score" }, formatScore(item.score)),
       el("span", { class: "card-meta" }, item.external_id),
+      seen && el("span", { class: "seen", title: "what the detector saw in the box" }, `Detector: ${seen}`),
+      item.also?.length > 0 && el("span", { class: "also" },
+        `stands for ${item.also.length} overlapping fragment${item.also.length === 1 ? "" : "s"}`),
     ),
   );
 }
