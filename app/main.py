@@ -186,6 +186,7 @@ def _start(settings: Settings, metrics: Metrics) -> Runtime:
         data_dir=settings.data_dir,
         device=settings.device,
         memory_budget=int(settings.retrieval.memory_budget),
+        attribute_words=settings.retrieval.attribute_words,
     )
     metrics.track_index("fragments", engine.indexes.fragment_count)
     metrics.track_index("phrases", engine.indexes.phrase_count)

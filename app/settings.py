@@ -61,6 +61,11 @@ class Retrieval(BaseModel):
         0.7, gt=0, le=1, description="fragments of one artwork whose boxes overlap by this IoU "
         "or more fold into the best-scoring one (one result per thing); 1 folds only equal boxes"
     )
+    attribute_words: bool = Field(
+        True, description="label fragments with the detector's attribute words (gold · bird); "
+        "turn off when the detector learnt its words on another kind of collection than the "
+        "one served (the real demo's detector learnt icon labels: saint, aura, christ)",
+    )
     facet_fields: list[str] = Field(
         default_factory=lambda: ["classification", "period", "date", "source"],
         description="metadata fields counted as facets (GET /facets) unless a request names others",

@@ -263,6 +263,26 @@ def test_one_result_per_thing_with_the_detectors_words(client: TestClient) -> No
     assert all(len(h["attributes"]) == 3 for h in hits)
 
 
+
+def test_attribute_words_can_be_turned_off(client: TestClient) -> None:
+    """retrieval.attribute_words = false: a detector trained on other things (the real demo's
+    learnt icon labels) names nothing, on search hits and on an artwork's fragments."""
+    settings = client.app.state.settings.model_copy(deep=True)
+    settings.retrieval.attribute_words = False
+    quiet = start(settings)
+    try:
+        artwork_id = quiet.post("/artworks", headers=WRITE, **artwork_form(
+            "quiet-1", seed=91, captions=["A gold bird on a red plate."])).json()["id"]
+        fragments = quiet.get(f"/artworks/{artwork_id}").json()["fragments"]
+        hits = quiet.get("/search", params={"q": "gold bird", "limit": 20}).json()["items"]
+        assert fragments and hits
+        assert all(f["attributes"] == [] for f in fragments)
+        assert all(h["attributes"] == [] for h in hits)
+        assert all(h["attributes"] for h in client.get("/search", params={"q": "gold bird"}).json()["items"])
+    finally:
+        quiet.__exit__(None, None, None)
+
+
 def test_annotate_an_upload_and_a_box(client: TestClient) -> None:
     report = client.post("/artworks", headers=WRITE, **artwork_form(
         "annotate-1", seed=21, captions=["A green lotus on a stone statue."])).json()

@@ -398,7 +398,7 @@ def _detail(runtime: Runtime, session: Session, artwork_id: int) -> ArtworkDetai
     artwork = catalog.get_artwork(session, artwork_id, full=True)
     shown = catalog.shown_fragments(artwork, fold_iou=runtime.settings.retrieval.fold_iou)
     engine = runtime.engine
-    seen = attribute_words(engine.extractor, engine.store.features(
+    seen = attribute_words(engine.attribute_detector, engine.store.features(
         np.asarray([f.region_rows[0] for f, _ in shown], dtype=np.int64)))
     return ArtworkDetail(
         **_summary(runtime, artwork).model_dump(),

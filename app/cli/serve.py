@@ -133,6 +133,9 @@ def run_demo(args: argparse.Namespace) -> int:
     settings = Settings(
         database_url=database_url, data_dir=root, scan_checkpoint=scan,
         detector_checkpoint=detector, api_keys=[api_key],
+        # The real demo's detector learnt its words on byzart-dev's icons (saint, aura,
+        # christ): on Egyptian objects they would name the wrong things.
+        retrieval={"attribute_words": args.collection != "real"},
     )
     base = f"http://{args.host}:{args.port}"
     print(

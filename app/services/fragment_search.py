@@ -37,6 +37,7 @@ class FragmentSearch:
     encoder: Encoder
     store: FeatureStore
     extractor: RegionExtractor | None
+    attribute_detector: RegionExtractor | None
 
     def _ranked_fragments(
         self, session: Session, text: torch.Tensor, text_lens: torch.Tensor, *, k: int, need: int,
@@ -95,7 +96,7 @@ class FragmentSearch:
         boxes = {(artwork_id, row): box for artwork_id, row, *box in session.execute(
             select(Region.artwork_id, Region.store_row, Region.x1, Region.y1, Region.x2, Region.y2)
             .where(Region.artwork_id.in_(artwork_ids), Region.store_row.in_(needed)))}
-        attributes = attribute_words(self.extractor, own)
+        attributes = attribute_words(self.attribute_detector, own)
         hits = []
         for row, score, folded, seen, image, n_regions in zip(
                 rows, scores, also, attributes, images, image_lens.tolist(), strict=True):

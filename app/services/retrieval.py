@@ -47,12 +47,15 @@ class Engine(FragmentSearch):
     """Everything a search needs, loaded once; safe to share between request threads."""
 
     def __init__(self, *, indexes: Indexes, extractor: RegionExtractor | None = None,
-                 image_dir: str | Path | None = None) -> None:
+                 image_dir: str | Path | None = None, attribute_words: bool = True) -> None:
         self.indexes = indexes
         self.encoder: Encoder = indexes.encoder
         self.store: FeatureStore = indexes.store
         self.extractor = extractor
         self.image_dir = Path(image_dir) if image_dir is not None else None
+        # The detector whose attribute head names what a box shows, or None to name nothing
+        # (a detector trained on another kind of collection names the wrong things).
+        self.attribute_detector = extractor if attribute_words else None
 
     @property
     def model_version(self) -> str:
@@ -63,6 +66,7 @@ class Engine(FragmentSearch):
         cls, *, database: DatabaseEngine, scan_checkpoint: str | Path,
         detector_checkpoint: str | Path | None, data_dir: str | Path, device: str = "auto",
         rebuild: bool = False, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        attribute_words: bool = True,
     ) -> Engine:
         """Load the checkpoints and the feature store under ``data_dir``, then the indexes
         (rebuilt when stale, or always with ``rebuild``; of the kind ``memory_budget`` bytes
@@ -88,7 +92,8 @@ class Engine(FragmentSearch):
                           store=store, index_dir=data_dir / "index", memory_budget=memory_budget)
         with session_factory(database)() as session:
             indexes.start(session, rebuild=rebuild)
-        return cls(indexes=indexes, extractor=extractor, image_dir=data_dir / "images")
+        return cls(indexes=indexes, extractor=extractor, image_dir=data_dir / "images",
+                   attribute_words=attribute_words)
 
     # -- text -> fragments ----------------------------------------------------------------
 
