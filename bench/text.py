@@ -2,7 +2,7 @@
 index costs, and what each way of training MiniLM would cost.
 
     python -m bench.text [--repeats 20 --threads 1 --json PATH]
-    artalign bench text --collection /work/data/egyptian
+    artalign bench text --collection var/egyptian
 
   query     one typed query -> the pooled vector the first stage searches with, as the
             service does it (app.services.query: the spaCy phrase split, then
