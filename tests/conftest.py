@@ -23,12 +23,17 @@ PG_SERVER_URL = os.environ.get(
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared/data/egyptian-cc0"
 
 
-def pytest_configure(config: pytest.Config) -> None:
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models gain nothing from intra-op threads, and on a shared CI machine the
+    threads fight each other: one thread is several times faster there, and deterministic.
+    Set for every test module (a command under test may change it) and restored after."""
     import torch
 
-    # Tiny models gain nothing from intra-op threads, and on a shared CI machine the
-    # threads fight each other: one thread is several times faster there, and deterministic.
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _pg_admin_engine():  # noqa: ANN202 (sqlalchemy imported lazily)

@@ -29,15 +29,6 @@ DIRECTIONS = ("t2i", "i2t")
 AGGREGATIONS = ("mean", "lse", "max", "sum")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy machine a parallel region
-    waits for its slowest thread: one thread runs these tests several times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def reference_pair_score(image, text, *, direction, agg, lambda_softmax, lambda_lse=6.0):
     """One pair, no padding, float64, each formula as written in the paper and DESIGN.md."""

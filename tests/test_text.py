@@ -22,13 +22,6 @@ from training.train import train
 VOCAB = Vocabulary(["<pad>", "<start>", "<end>", "<unk>", "gold", "bird", "blue", "vase"])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_minilm_loads_and_encodes_with_no_network(tmp_path):
     # A fresh process with every proxy pointing at a closed port: a download would fail.

@@ -74,14 +74,6 @@ def make_collection(root, n_artworks: int = 36, seed: int = 0) -> None:
     FeatureStore(root / "features", extractor="test").append_many(records)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models here are tiny: one thread avoids oversubscribing a shared CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
