@@ -598,3 +598,22 @@ def test_demo_top_tens_hold_one_fragment_per_thing(demo_client: TestClient, synt
                     np.array([first["box"]]), np.array([second["box"]]))[0, 0] < 0.7, phrase
             assert len(first["attributes"]) == 3 and {w["word"] for w in first["attributes"]} <= names
     assert folded > 0  # annotation boxes and the detections on them did fold
+
+
+def test_per_artwork_search_gives_each_artwork_one_hit(demo_client: TestClient, synthetic: list) -> None:
+    phrase = sorted({g.phrase for art in synthetic for g in art.groups})[0]
+    plain = demo_client.get("/search", params={"q": phrase, "limit": 30}).json()["items"]
+    grouped = demo_client.get("/search", params={"q": phrase, "limit": 30, "per_artwork": True}).json()["items"]
+    artworks = [hit["artwork_id"] for hit in grouped]
+    assert len(artworks) == len(set(artworks)), "two hits of one artwork"
+    # Each artwork's hit is its best fragment, and its other candidates are listed in `also`.
+    best = {}
+    for hit in plain:
+        best.setdefault(hit["artwork_id"], hit)
+    for hit in grouped:
+        if hit["artwork_id"] in best:
+            assert hit["fragment_id"] == best[hit["artwork_id"]]["fragment_id"]
+    assert len(set(plain_ids := [h["artwork_id"] for h in plain])) < len(plain_ids), \
+        "the plain search should show some artwork twice for this test to mean anything"
+    assert any(hit["also"] for hit in grouped)
+    assert [h["artwork_id"] for h in grouped][:3] == list(dict.fromkeys(plain_ids))[:3]

@@ -348,6 +348,25 @@ def test_search_says_what_it_searched_for(page, service: Service) -> None:
     assert all(word in text for word in answer["unknown_words"])
 
 
+def test_search_one_result_per_artwork(page, service: Service) -> None:
+    _, annotation = largest_annotation(service)
+    query = annotation.phrase
+    page.goto(f"/#/search?{urllib.parse.urlencode({'q': query})}")
+    page.locator("#search-results .result").first.wait_for()
+    with page.expect_response(lambda r: "/search?" in r.url and "per_artwork=true" in r.url):
+        page.get_by_label("One result per artwork").check()
+    answer = service.get_json(f"/search?{urllib.parse.urlencode({'q': query, 'limit': 12, 'per_artwork': 'true'})}")
+    page.wait_for_function("n => document.querySelectorAll('#search-results .result').length === n",
+                           arg=len(answer["items"]))
+    links = [a.get_attribute("href") for a in page.locator("#search-results .result-title a").all()]
+    assert links == [f"#/artworks/{hit['artwork_id']}" for hit in answer["items"]]
+    assert len(set(links)) == len(links)
+    assert "per_artwork=true" in page.url  # a shared link keeps the choice
+    page.reload()
+    page.locator("#search-results .result").first.wait_for()
+    assert page.get_by_label("One result per artwork").is_checked()
+
+
 def test_search_error_shows_the_problem_detail(page, service: Service) -> None:
     query = " ".join(["gold"] * 100)  # longer than the service accepts
     try:

@@ -72,8 +72,9 @@ class ArtworkSummary(BaseModel):
     thumbnail_url: str = Field(examples=["/artworks/17/thumbnail"])
 
 
-ALSO_DESCRIPTION = ("ids of the artwork's fragments folded into this one: their boxes overlap it "
-                    "(IoU at or above the service's fold_iou) and they score lower")
+ALSO_DESCRIPTION = ("ids of the artwork's fragments folded into this one: they score lower and "
+                    "their boxes overlap it (IoU at or above the service's fold_iou), or, with "
+                    "per_artwork, they are anywhere on the same artwork")
 ATTRIBUTES_DESCRIPTION = ("the detector's most probable attribute words for the box, with their "
                           "probabilities (empty when the detector has no attribute head)")
 

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from app.services.retrieval import Engine
 
 router = APIRouter(tags=["retrieval"])
+# A fold threshold every pair of boxes meets (IoU >= 0): all fragments of an artwork fold.
+PER_ARTWORK = 0.0
 
 
 @router.get(
@@ -43,7 +45,8 @@ router = APIRouter(tags=["retrieval"])
         "best-scoring one, which lists them in `also`; a block is folded as a whole before it "
         "is paged, and grows by K while it folds to fewer hits than the page needs. Filters "
         "(`filter`, `title`, `source`, `classification`) restrict the FAISS search to the "
-        "artworks they keep."
+        "artworks they keep. `per_artwork=true` gives one hit per artwork: every fragment of "
+        "an artwork folds into its best-scoring one, overlapping or not."
     ),
     responses={
         422: {"description": "empty, wordless or over-long query"},
@@ -58,6 +61,9 @@ async def search(
                             examples=["two gold birds"])],
     limit: Annotated[int, Query(ge=1, le=100, description="hits per page")] = 10,
     offset: Annotated[int, Query(ge=0, le=10_000, description="hits to skip")] = 0,
+    per_artwork: Annotated[bool, Query(description=(
+        "one hit per artwork: the artwork's other matching fragments are listed in the "
+        "hit's `also` instead of taking places of their own"))] = False,
 ) -> SearchPage:
     settings = runtime.settings
     if len(q) > settings.limits.max_query_chars:
@@ -69,7 +75,8 @@ async def search(
     timings: dict[str, float] = {}
     parsed, hits = await runtime.pool.run(
         _search, runtime.engine, session, q, k=candidates, limit=limit, offset=offset,
-        filters=filters or None, fold_iou=settings.retrieval.fold_iou, timings=timings,
+        filters=filters or None, fold_iou=PER_ARTWORK if per_artwork else settings.retrieval.fold_iou,
+        timings=timings,
     )
     runtime.metrics.observe_stages(timings)
     return SearchPage(query=q, phrases=parsed.phrases, whole_query=parsed.whole,

@@ -13,7 +13,7 @@ const PAGE_SIZE = 12;
 const nextSignal = latestOnly();
 const $ = (id) => document.getElementById(id);
 
-let state = { q: "", offset: 0, selected: new Map() };
+let state = { q: "", offset: 0, selected: new Map(), perArtwork: false };
 let shown = []; // [{item, figure}] for every result on the page
 let pinnedWord = null;
 let facets = null;
@@ -30,22 +30,33 @@ export function initSearch() {
     start($("search-q").value.trim());
   });
   $("search-more").addEventListener("click", () => load(state.offset + PAGE_SIZE));
+  $("search-per-artwork").addEventListener("change", (event) => {
+    start(state.q, state.selected, event.target.checked);
+  });
   facets = new Facets($("search-facets"), { onChange: (selected) => start(state.q, selected) });
 }
 
 export function showSearch(params) {
   const q = params.get("q") || "";
   const selected = parseFilters(params);
+  const perArtwork = params.get("per_artwork") === "true";
   if ($("search-q").value.trim() !== q) $("search-q").value = q;
-  if (q !== state.q || !shown.length || filterParams(selected).join() !== filterParams(state.selected).join()) {
-    start(q, selected);
+  $("search-per-artwork").checked = perArtwork;
+  if (q !== state.q || !shown.length || perArtwork !== state.perArtwork
+      || filterParams(selected).join() !== filterParams(state.selected).join()) {
+    start(q, selected, perArtwork);
   }
   $("search-q").focus();
 }
 
-function start(q, selected = state.selected) {
-  history.replaceState(null, "", `#/search${query({ q, filter: filterParams(selected) })}`);
-  state = { q, offset: 0, selected };
+/** The service's options for the current search, as query parameters (also the page's URL). */
+function searchParams({ q, selected, perArtwork }) {
+  return { q, filter: filterParams(selected), per_artwork: perArtwork ? "true" : undefined };
+}
+
+function start(q, selected = state.selected, perArtwork = state.perArtwork) {
+  history.replaceState(null, "", `#/search${query(searchParams({ q, selected, perArtwork }))}`);
+  state = { q, offset: 0, selected, perArtwork };
   facets.load(selected);
   shown = [];
   pinnedWord = null;
@@ -68,7 +79,7 @@ async function load(offset) {
   $("search-summary").textContent = offset ? "Loading more…" : `Searching for “${state.q}”…`;
   try {
     const answer = await api(
-      `/search${query({ q: state.q, limit: PAGE_SIZE, offset, filter: filterParams(state.selected) })}`,
+      `/search${query({ ...searchParams(state), limit: PAGE_SIZE, offset })}`,
       { signal: nextSignal() },
     );
     state.offset = offset;
@@ -131,10 +142,15 @@ function card(item, rank) {
       el("span", { class: "score", title: "similarity score" }, formatScore(item.score)),
       el("span", { class: "card-meta" }, item.external_id),
       seen && el("span", { class: "seen", title: "what the detector saw in the box" }, `Detector: ${seen}`),
-      item.also?.length > 0 && el("span", { class: "also" },
-        `stands for ${item.also.length} overlapping fragment${item.also.length === 1 ? "" : "s"}`),
+      item.also?.length > 0 && el("span", { class: "also" }, alsoText(item.also.length)),
     ),
   );
+}
+
+function alsoText(n) {
+  const fragments = `fragment${n === 1 ? "" : "s"}`;
+  return state.perArtwork ? `and ${n} more matching ${fragments} of this artwork`
+    : `stands for ${n} overlapping ${fragments}`;
 }
 
 /** What the service made of the query: the phrases it searched, the words it could not use. */
