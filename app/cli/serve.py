@@ -211,6 +211,7 @@ def prepare_demo(*, collection: Path, create: Callable[[Path], object], database
                                        store=engine.store, collection=demo)
             if counts["created"] or counts["replaced"]:
                 engine.indexes.rebuild(session, progress=True)
+        engine.indexes.save_snapshot()
         log.info("demo ready: %d fragments, %d phrases", engine.indexes.fragment_count(),
                  engine.indexes.phrase_count())
         return len(demo.artworks)
