@@ -201,27 +201,35 @@ class Indexes:
         return applied
 
     def _apply(self, session: Session, change: changes.Coalesced) -> None:
-        """Drop every id the change names, then add the added ones whose rows still exist."""
-        fragments, phrases = self._by_name["fragments"], self._by_name["phrases"]
-        fragments.remove(np.asarray(change.removed_fragments, dtype=np.int64))
-        phrases.remove(np.asarray(change.removed_phrases, dtype=np.int64))
-        for start in range(0, len(change.added_fragments), ENCODE_BATCH):
-            rows = session.execute(
-                select(Fragment.id, Fragment.region_rows).order_by(Fragment.id)
-                .where(Fragment.id.in_(change.added_fragments[start:start + ENCODE_BATCH]))
-            ).all()
-            if rows:  # none when a later change already deleted them again
-                self._have_rows(rows)
-                fragments.add(np.array([r.id for r in rows], dtype=np.int64),
-                              fragment_vectors(self.encoder, self.store, [r.region_rows for r in rows]))
-        for start in range(0, len(change.added_phrases), ENCODE_BATCH):
-            rows = session.execute(
-                select(Phrase.id, Phrase.text).order_by(Phrase.id)
-                .where(Phrase.id.in_(change.added_phrases[start:start + ENCODE_BATCH]))
-            ).all()
-            if rows:
-                phrases.add(np.array([r.id for r in rows], dtype=np.int64),
-                            phrase_vectors(self.encoder, [r.text for r in rows]))
+        """Drop every id the change names, then add the added ones whose rows still exist
+        (none when a later change deleted them again). Adding an id replaces its vector,
+        so the ids added are not dropped first: one pass over a flat index, not two."""
+        for name, removed, added in (("fragments", change.removed_fragments, change.added_fragments),
+                                     ("phrases", change.removed_phrases, change.added_phrases)):
+            ids, vectors = self._existing_vectors(session, name, added)
+            self._by_name[name].remove(np.setdiff1d(np.asarray(removed, dtype=np.int64), ids))
+            self._by_name[name].add(ids, vectors)
+
+    def _existing_vectors(self, session: Session, name: str,
+                          wanted: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The ids of ``wanted`` whose fragment (or phrase) rows exist, and their vectors."""
+        ids, vectors = [], []
+        for start in range(0, len(wanted), ENCODE_BATCH):
+            chunk = wanted[start:start + ENCODE_BATCH]
+            if name == "fragments":
+                rows = session.execute(select(Fragment.id, Fragment.region_rows)
+                                       .where(Fragment.id.in_(chunk)).order_by(Fragment.id)).all()
+                if rows:
+                    self._have_rows(rows)
+                    vectors.append(fragment_vectors(self.encoder, self.store, [r.region_rows for r in rows]))
+            else:
+                rows = session.execute(select(Phrase.id, Phrase.text)
+                                       .where(Phrase.id.in_(chunk)).order_by(Phrase.id)).all()
+                if rows:
+                    vectors.append(phrase_vectors(self.encoder, [r.text for r in rows]))
+            ids.extend(r.id for r in rows)
+        return (np.asarray(ids, dtype=np.int64),
+                np.concatenate(vectors) if vectors else np.zeros((0, self.encoder.dim), np.float32))
 
     def _have_rows(self, fragments: Sequence) -> None:
         """Make sure the feature store holds the fragments' rows: another process appended

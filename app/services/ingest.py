@@ -108,12 +108,11 @@ def ingest_artwork(
         if image_dir is None:
             raise ValueError(f"artwork {external_id!r}: give image_location or image_dir")
         image_location = str(save_image(Path(image_dir), image_bytes, content.image_sha256))
-    change = IndexChange()
     try:
         artwork = write_rows(session, existing=existing, content=content,
                              phrases=_phrases(content), image_location=image_location,
-                             regions=regions, change=change)
-        record_change(session, change)
+                             regions=regions, change=(change := IndexChange()))
+        record_change(session, change)  # last: the log's lock is held until the commit
         session.commit()
     except BaseException:
         session.rollback()
