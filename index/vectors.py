@@ -15,7 +15,7 @@ On disk a folder holds ``index-<random>.faiss`` and ``manifest.json``::
 
     {"format": "artalign-vector-index", "version": 2, "file": "index-….faiss", "kind": "flat",
      "dim": 256, "count": 1234, "nlist": null, "nprobe": null, "pq_bytes": null,
-     "model_version": "<sha256>", "state": {...the database state it reflects...}}
+     "model_version": "<sha256>", "state": {...what it reflects, as its owner records it...}}
 
 Saving writes the new index file under a fresh name, then replaces the manifest atomically,
 then removes index files the manifest no longer names: a reader or a crash sees either the
