@@ -151,3 +151,27 @@ def test_uploads_write_no_index_files_until_a_snapshot(tiny_checkpoints, tmp_pat
             client.__exit__(None, None, None)
         for name in ("fragments", "phrases"):
             assert read_manifest(index_dir / name)["state"]["log_position"] == 4
+
+
+@pytest.mark.postgres
+def test_log_rows_commit_in_id_order_on_postgresql(pg_url):
+    """A second writer's log row waits for the first writer's commit (the advisory lock), so
+    its id is larger and it commits later: a reader at position p never skips a row."""
+    import threading
+
+    database = create_db_engine(pg_url)
+    sessions = session_factory(database)
+    with sessions() as first, sessions() as second:
+        changes.record_change(first, changes.IndexChange(added_fragments=[1]))
+        waiter = threading.Thread(target=lambda: (
+            changes.record_change(second, changes.IndexChange(added_fragments=[2])), second.commit()))
+        waiter.start()
+        waiter.join(0.5)
+        assert waiter.is_alive()  # blocked behind the first, uncommitted writer
+        first.commit()
+        waiter.join(10)
+        assert not waiter.is_alive()
+        rows = first.execute(select(IndexChangeRow.id, IndexChangeRow.added_fragments)
+                             .order_by(IndexChangeRow.id)).all()
+        assert [r.added_fragments for r in rows] == [[1], [2]]
+    database.dispose()

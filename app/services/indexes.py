@@ -193,7 +193,8 @@ class Indexes:
             while entries := changes.read_changes(session, self.position, REPLAY_BATCH):
                 self._apply(session, changes.coalesce(entries))
                 self.position, self._stamp = entries[-1].position, entries[-1].created_at.isoformat()
-                self._unsaved.append((self.position, entries[0].created_at, len(entries)))
+                if self.snapshots:  # a process that never saves keeps no account
+                    self._unsaved.append((self.position, entries[0].created_at, len(entries)))
                 applied += len(entries)
                 if len(entries) < REPLAY_BATCH:
                     break
