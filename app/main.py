@@ -56,16 +56,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             runtime.engine.model_version[:12],
         )
         stop = threading.Event()
-        syncer = threading.Thread(target=_sync_indexes, args=(runtime, stop), name="index-sync",
-                                  daemon=True)
-        if settings.index_sync_seconds > 0:
-            syncer.start()
+        workers = [threading.Thread(target=_sync_indexes, args=(runtime, stop), name="index-sync",
+                                    daemon=True)] if settings.index_sync_seconds > 0 else []
+        if settings.index_snapshots:
+            workers.append(threading.Thread(target=_snapshot_indexes, args=(runtime, stop),
+                                            name="index-snapshot", daemon=True))
+        for worker in workers:
+            worker.start()
         try:
             yield
         finally:
             stop.set()
-            if syncer.is_alive():
-                syncer.join()
+            for worker in workers:
+                worker.join()  # the snapshot worker saves what is unsaved before it ends
             runtime.pool.shutdown()
             runtime.database.dispose()
 
@@ -147,15 +150,37 @@ def preflight(settings: Settings) -> DatabaseEngine:
 
 
 def _sync_indexes(runtime: Runtime, stop: threading.Event) -> None:
-    """Every ``index_sync_seconds``, pick up what another process committed and indexed
-    (Indexes.sync), so replicas of the service stay fresh without a restart."""
+    """Every ``index_sync_seconds``, apply what other processes committed to the change log
+    (Indexes.catch_up), so replicas of the service stay fresh without a restart."""
     while not stop.wait(runtime.settings.index_sync_seconds):
         try:
             with runtime.sessions() as session:
-                runtime.engine.indexes.sync(session)
+                runtime.engine.indexes.catch_up(session)
         except Exception:  # the database may be down for a while: /readyz says so; try again
-            log.warning("index sync failed; retrying in %.0f s", runtime.settings.index_sync_seconds,
+            log.warning("index sync failed; retrying in %.1f s", runtime.settings.index_sync_seconds,
                         exc_info=True)
+
+
+def _snapshot_indexes(runtime: Runtime, stop: threading.Event) -> None:
+    """Save a snapshot of the indexes off the request path: once ``index_snapshot_changes``
+    changes are unsaved, or the oldest unsaved one is ``index_snapshot_seconds`` old; and a
+    last one at shutdown."""
+    settings, indexes = runtime.settings, runtime.engine.indexes
+    tick = min(1.0, settings.index_snapshot_seconds / 4)
+    while not stop.wait(tick):
+        count, age = indexes.unsaved()
+        if count >= settings.index_snapshot_changes or (count and age >= settings.index_snapshot_seconds):
+            try:
+                indexes.save_snapshot()
+            except Exception:  # a full disk, say: the log still holds every change; try again
+                log.warning("saving an index snapshot failed; retrying in %.0f s",
+                            settings.index_snapshot_seconds, exc_info=True)
+                stop.wait(settings.index_snapshot_seconds)
+    try:
+        indexes.save_snapshot()
+    except Exception:
+        log.warning("the index snapshot at shutdown failed; the next start replays the log "
+                    "from the last one", exc_info=True)
 
 
 def _raise_file_limit() -> None:
@@ -187,6 +212,8 @@ def _start(settings: Settings, metrics: Metrics) -> Runtime:
         device=settings.device,
         memory_budget=int(settings.retrieval.memory_budget),
         attribute_words=settings.retrieval.attribute_words,
+        index_dir=settings.index_dir,
+        snapshots=settings.index_snapshots,
     )
     metrics.track_index("fragments", engine.indexes.fragment_count)
     metrics.track_index("phrases", engine.indexes.phrase_count)

@@ -95,9 +95,27 @@ class Settings(BaseSettings):
     )
     limits: Limits = Field(default_factory=Limits)
     retrieval: Retrieval = Field(default_factory=Retrieval)
+    index_dir: Path | None = Field(
+        None, description="where the index snapshots live (default DATA_DIR/index); a replica "
+        "on its own machine may keep its own while it reads the shared feature store"
+    )
     index_sync_seconds: float = Field(
-        10.0, ge=0, description="how often to pick up artworks another process (a writer "
-        "replica, `artalign ingest`) committed and indexed; 0 never"
+        1.0, ge=0, description="how often to apply the changes other processes (another "
+        "instance, `artalign ingest`) committed to the database's change log; a replica is "
+        "never further behind than this plus the time to apply them; 0 never"
+    )
+    index_snapshots: bool = Field(
+        True, description="save snapshots of the indexes (a start loads one and replays the "
+        "change log past it); turn off on a replica that shares its index folder with a "
+        "writer, which saves them (two savers stay safe, but write twice)"
+    )
+    index_snapshot_seconds: float = Field(
+        30.0, gt=0, description="save a snapshot once the oldest change not in one is this "
+        "old; the change log covers the rest, so a crash loses nothing"
+    )
+    index_snapshot_changes: int = Field(
+        1000, ge=1, description="save a snapshot as soon as this many changes are not in one "
+        "(bounds the replay at the next start)"
     )
 
     @field_validator("database_url")
@@ -107,12 +125,12 @@ class Settings(BaseSettings):
 
         return check_database_url(url)
 
-    @field_validator("data_dir", "scan_checkpoint", "detector_checkpoint")
+    @field_validator("data_dir", "index_dir", "scan_checkpoint", "detector_checkpoint")
     @classmethod
-    def _absolute(cls, path: Path) -> Path:
+    def _absolute(cls, path: Path | None) -> Path | None:
         # Stored image locations are paths under data_dir: absolute, they survive a change of
         # working directory between `artalign demo` and a later `artalign serve`.
-        return path.expanduser().resolve()
+        return path.expanduser().resolve() if path is not None else None
 
     @field_validator("api_keys")
     @classmethod

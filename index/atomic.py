@@ -8,10 +8,12 @@ of one; a failure removes the temporary file and re-raises.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -78,3 +80,17 @@ def append_line(path: str | Path, line: str) -> None:
         handle.write(line.encode("utf-8") + b"\n")
         handle.flush()
         os.fsync(handle.fileno())
+
+
+@contextmanager
+def file_lock(path: str | Path, *, shared: bool = False) -> Iterator[None]:
+    """Hold an advisory lock on ``path`` (created if missing) between processes of one
+    machine: exclusive, or ``shared`` with other shared holders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -15,7 +15,7 @@ On disk a folder holds ``index-<random>.faiss`` and ``manifest.json``::
 
     {"format": "artalign-vector-index", "version": 2, "file": "index-….faiss", "kind": "flat",
      "dim": 256, "count": 1234, "nlist": null, "nprobe": null, "pq_bytes": null,
-     "model_version": "<sha256>", "state": {...the database state it reflects...}}
+     "model_version": "<sha256>", "state": {...what it reflects, as its owner records it...}}
 
 Saving writes the new index file under a fresh name, then replaces the manifest atomically,
 then removes index files the manifest no longer names: a reader or a crash sees either the
@@ -315,6 +315,29 @@ class VectorIndex:
             removed = int(self._index.remove_ids(self._selector(ids)))
             self._gpu_index = None
         return removed
+
+    def ids(self) -> np.ndarray:
+        """Every id held, ascending (n,) int64: for checks that the index agrees with its source."""
+        with self._lock.reading():
+            if self.kind == "flat":
+                found = faiss.vector_to_array(faiss.downcast_index(self._index).id_map)
+            else:
+                lists = faiss.extract_index_ivf(self._index).invlists
+                found = np.concatenate([np.zeros(0, np.int64)] + [
+                    faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+                    for i in range(lists.nlist) if lists.list_size(i)
+                ])
+        return np.sort(found.astype(np.int64))
+
+    def copy(self) -> VectorIndex:
+        """An independent copy (FAISS clone, in memory): a snapshot is written from it while
+        this index takes further changes. Costs a second index's memory until dropped."""
+        with self._lock.reading():
+            clone = faiss.clone_index(self._index)
+        index = VectorIndex.__new__(VectorIndex)
+        index.dim, index.plan, index._index = self.dim, self.plan, clone
+        index._init_search_state(False)
+        return index
 
     # -- searching ----------------------------------------------------------------------
 

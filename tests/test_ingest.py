@@ -211,7 +211,7 @@ def test_a_curator_box_becomes_a_fragment_once_and_never_without_an_image(
     from pathlib import Path
 
     from app.services.artwork_regions import add_box_fragment
-    from app.services.indexes import IndexChange
+    from app.services.changes import IndexChange
 
     artwork = db_session.get(Artwork, ingest().artwork_id)
     engine = {"store": store, "extractor": tiny_extractor}

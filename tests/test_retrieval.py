@@ -35,11 +35,11 @@ ARTWORKS = [
 QUERIES = ["gold birds", "the red dragon among clouds", "cat head", "unknownword lotus"]
 
 
-def make_engine(checkpoints, extractor, data_dir, scan=None):
+def make_engine(checkpoints, extractor, data_dir, scan=None, index_dir=None):
     model, vocab, checkpoint = load_scan(scan or checkpoints.scan)
     indexes = Indexes(encoder=Encoder(model, vocab), model_version=checkpoint.sha256,
                       store=FeatureStore(data_dir / "features", extractor=extractor.version),
-                      index_dir=data_dir / "index")
+                      index_dir=index_dir or data_dir / "index")
     return Engine(indexes=indexes, extractor=extractor, image_dir=data_dir / "images")
 
 
@@ -252,11 +252,24 @@ def test_saved_indexes_load_and_stale_ones_rebuild(db_url, tiny_checkpoints, tin
         assert second.indexes.fragment_count() == first.indexes.fragment_count()
         assert [h.fragment_id for h in second.search_text(session, "gold birds", limit=5)] == query_hits
 
-        # The database changed behind the index's back (no engine told): rebuilt.
+        # The database changed behind the snapshot's back (no engine told): the snapshot
+        # loads and the change log past it is replayed, to what a rebuild holds.
         ingest_all(session, tiny_extractor, first.store, tmp_path, ARTWORKS[2:3])
         third = make_engine(tiny_checkpoints, tiny_extractor, tmp_path)
-        assert third.indexes.start(session) == {"fragments": "rebuilt", "phrases": "rebuilt"}
+        assert third.indexes.start(session) == {"fragments": "loaded", "phrases": "loaded"}
         assert third.indexes.fragment_count() > first.indexes.fragment_count()
+        rebuilt = make_engine(tiny_checkpoints, tiny_extractor, tmp_path, index_dir=tmp_path / "other")
+        assert rebuilt.indexes.start(session) == {"fragments": "rebuilt", "phrases": "rebuilt"}
+        assert_same_indexes(third.indexes, rebuilt.indexes)
+        assert third.indexes.save_snapshot() and not third.indexes.save_snapshot()
+
+        # A snapshot whose log position names another commit (another database): rebuilt.
+        manifest_path = tmp_path / "index" / "fragments" / "manifest.json"
+        manifest = json.loads(manifest_path.read_text())
+        manifest["state"]["log_stamp"] = "2001-01-01T00:00:00+00:00"
+        manifest_path.write_text(json.dumps(manifest))
+        assert make_engine(tiny_checkpoints, tiny_extractor, tmp_path).indexes.start(session) == {
+            "fragments": "rebuilt", "phrases": "loaded"}
 
         # Another model version: rebuilt. A corrupt manifest: rebuilt, not a crash.
         other = make_engine(tiny_checkpoints, tiny_extractor, tmp_path, tiny_checkpoints.other_scan)
@@ -267,6 +280,20 @@ def test_saved_indexes_load_and_stale_ones_rebuild(db_url, tiny_checkpoints, tin
         manifest = json.loads((tmp_path / "index" / "phrases" / "manifest.json").read_text())
         assert manifest["model_version"] == fourth.model_version
     database.dispose()
+
+
+def assert_same_indexes(one: Indexes, other: Indexes) -> None:
+    """Both hold the same ids with the same vectors: every id scores the same against
+    random queries."""
+    queries = np.random.default_rng(0).standard_normal((5, one.encoder.dim)).astype(np.float32)
+
+    def scores_by_id(index):
+        scores, ids = index.search(queries, len(index))
+        return np.take_along_axis(scores, np.argsort(ids, axis=1), axis=1)  # ties in any order
+
+    for name in ("fragments", "phrases"):
+        assert np.array_equal(one[name].ids(), other[name].ids()), name
+        np.testing.assert_allclose(scores_by_id(one[name]), scores_by_id(other[name]), atol=1e-5)
 
 
 def test_ingest_and_delete_update_the_indexes_without_rebuild(loaded, tiny_checkpoints,
@@ -290,9 +317,10 @@ def test_ingest_and_delete_update_the_indexes_without_rebuild(loaded, tiny_check
         assert [h.fragment_id for h in hits] == [i for i, _ in exhaustive_search(engine, session, query)]
     assert "statue-5" in {h.external_id for h in engine.search_text(session, "statue", k=n, limit=n)}
 
-    # The saved indexes already reflect the change: a restart loads them.
+    # The snapshot predates the change; a restart loads it and replays the log.
     restarted = make_engine(tiny_checkpoints, tiny_extractor, tmp_path)
     assert restarted.indexes.start(session) == {"fragments": "loaded", "phrases": "loaded"}
+    assert_same_indexes(restarted.indexes, engine.indexes)
 
     assert delete_artwork(session, external_id="statue-5", indexes=engine.indexes)
     assert (engine.indexes.fragment_count(), engine.indexes.phrase_count()) == (fragments, phrases)

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from app.api.deps import RuntimeDep
-from app.api.schemas import Health, Readiness, ReadinessCheck
+from app.api.schemas import Health, IndexState, Readiness, ReadinessCheck
 from app.runtime import Runtime
 
 router = APIRouter(tags=["operations"])
@@ -36,8 +36,23 @@ def readyz(runtime: RuntimeDep) -> JSONResponse:
         "database": _check(lambda: _ping(runtime)),
     }
     ready = all(check.ok for check in checks.values())
-    body = Readiness(status="ready" if ready else "not ready", checks=checks)
+    body = Readiness(status="ready" if ready else "not ready", checks=checks,
+                     index=index_state(runtime) if checks["database"].ok else None)
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+
+def index_state(runtime: Runtime) -> IndexState | None:
+    """The indexes' sizes and their lag behind the change log; None when the database
+    cannot be read. A lagging replica stays ready: it serves what it has."""
+    indexes = runtime.engine.indexes
+    try:
+        with runtime.sessions() as session:
+            lag = indexes.lag(session)
+    except Exception:  # noqa: BLE001 (the database check reports why)
+        return None
+    return IndexState(fragments=indexes.fragment_count(), phrases=indexes.phrase_count(),
+                      position=lag.applied, latest_position=lag.latest, lag_changes=lag.changes,
+                      lag_seconds=round(lag.seconds, 3))
 
 
 @router.get(
@@ -49,6 +64,7 @@ def readyz(runtime: RuntimeDep) -> JSONResponse:
 def metrics(runtime: RuntimeDep) -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST
 
+    runtime.metrics.observe_index(index_state(runtime))
     return Response(runtime.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -8,9 +8,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from app.api.schemas import IndexState
 
 # Latency buckets from 5 ms (a cached page) to 30 s (a big upload on a busy CPU).
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -37,6 +41,20 @@ class Metrics:
         self.index_size = Gauge(
             "artalign_index_size", "Vectors in a FAISS index", ["index"], registry=self.registry
         )
+        self.index_log = Gauge(
+            "artalign_index_log_position",
+            "Change-log positions: the one the indexes reflect (applied) and the database's "
+            "newest (latest)", ["which"], registry=self.registry,
+        )
+        self.index_lag_changes = Gauge(
+            "artalign_index_lag_changes", "Committed changes the indexes have not applied yet",
+            registry=self.registry,
+        )
+        self.index_lag_seconds = Gauge(
+            "artalign_index_lag_seconds",
+            "Age of the oldest committed change the indexes have not applied; 0 when caught up",
+            registry=self.registry,
+        )
         self.inflight = Gauge(
             "artalign_inference_inflight", "Inference calls running now", registry=self.registry
         )
@@ -57,6 +75,15 @@ class Metrics:
     def track_index(self, name: str, size: Callable[[], int]) -> None:
         """Read the index size when Prometheus scrapes, so it is never stale."""
         self.index_size.labels(name).set_function(size)
+
+    def observe_index(self, state: IndexState | None) -> None:
+        """Set the change-log gauges from ``state`` (NaN when the database could not be read:
+        no stale value passes for a fresh one)."""
+        nan = float("nan")
+        self.index_log.labels("applied").set(state.position if state else nan)
+        self.index_log.labels("latest").set(state.latest_position if state else nan)
+        self.index_lag_changes.set(state.lag_changes if state else nan)
+        self.index_lag_seconds.set(state.lag_seconds if state else nan)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

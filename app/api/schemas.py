@@ -46,16 +46,32 @@ class ReadinessCheck(BaseModel):
     detail: str
 
 
+class IndexState(BaseModel):
+    """What the serving indexes hold and how far they are behind the database's change log."""
+
+    fragments: int = Field(description="fragment vectors in the index")
+    phrases: int = Field(description="phrase vectors in the index")
+    position: int = Field(description="the change-log position the indexes reflect")
+    latest_position: int = Field(description="the newest position in the database's log")
+    lag_changes: int = Field(description="committed changes not applied yet")
+    lag_seconds: float = Field(description="age of the oldest of them; 0 when caught up")
+
+
 class Readiness(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "status": "ready",
         "checks": {"model": {"ok": True, "detail": "version 3f2a9c01be77"},
                    "index": {"ok": True, "detail": "5120 fragments, 812 phrases"},
                    "database": {"ok": True, "detail": "postgresql"}},
+        "index": {"fragments": 5120, "phrases": 812, "position": 931, "latest_position": 933,
+                  "lag_changes": 2, "lag_seconds": 0.4},
     }]})
 
     status: Literal["ready", "not ready"]
     checks: dict[str, ReadinessCheck]
+    index: IndexState | None = Field(
+        None, description="the indexes against the change log; null when the database cannot "
+        "be read (a replica still serves what it has)")
 
 
 # --- artworks ---------------------------------------------------------------------------

@@ -98,7 +98,7 @@ def run_ingest(args: argparse.Namespace) -> int:
         collection=args.collection, data_dir=args.data_dir or settings.data_dir,
         detector=args.detector_checkpoint or settings.detector_checkpoint,
         scan=None if args.no_index else (args.scan_checkpoint or settings.scan_checkpoint),
-        device=args.device,
+        device=args.device, index_dir=settings.index_dir,
     )
     print(", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "nothing to ingest")
     return 0

@@ -15,9 +15,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     commands = index.add_subparsers(dest="index_command", metavar="ACTION", required=True)
     build = commands.add_parser(
         "build", help="build the indexes (only those that are stale, unless --force)",
-        description="Bring the indexes under DATA_DIR/index up to date: an index whose "
-                    "manifest names this SCAN checkpoint and the database's current state is "
-                    "kept; any other is rebuilt beside it and swapped in atomically. Exact "
+        description="Bring the indexes under DATA_DIR/index (or $ARTALIGN_INDEX_DIR) up to "
+                    "date and save a snapshot: an index whose snapshot names this SCAN "
+                    "checkpoint is loaded and the database's change log past the snapshot is "
+                    "replayed; any other is rebuilt beside it and swapped in atomically. Exact "
                     "search below 50,000 vectors, above an IVF index of the most precise "
                     "codes that fit $ARTALIGN_RETRIEVAL__MEMORY_BUDGET (default 4 GiB).",
     )
@@ -49,7 +50,8 @@ def run_build(args: argparse.Namespace) -> int:
                                          device=device)
     database = create_db_engine(database_url(args.database_url or settings.database_url))
     indexes = Indexes(encoder=Encoder(model, vocab), model_version=checkpoint.sha256,
-                      store=FeatureStore(data_dir / "features"), index_dir=data_dir / "index",
+                      store=FeatureStore(data_dir / "features"),
+                      index_dir=settings.index_dir or data_dir / "index",
                       memory_budget=int(settings.retrieval.memory_budget))
     try:
         with session_factory(database)() as session:
@@ -58,6 +60,7 @@ def run_build(args: argparse.Namespace) -> int:
                 outcome = {"fragments": "rebuilt", "phrases": "rebuilt"}
             else:
                 outcome = indexes.start(session)
+        indexes.save_snapshot()
     finally:
         database.dispose()
     print(f"fragments: {indexes.fragment_count()} ({outcome['fragments']}), "

@@ -34,8 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "variables, e.g. ARTALIGN_DATABASE_URL=postgresql+psycopg://artalign@db/artalign, "
             "ARTALIGN_SCAN_CHECKPOINT, ARTALIGN_DETECTOR_CHECKPOINT, ARTALIGN_DATA_DIR, "
             "ARTALIGN_API_KEYS='[\"...\"]', ARTALIGN_LIMITS__MAX_INFLIGHT, "
-            "ARTALIGN_RETRIEVAL__MEMORY_BUDGET=4GiB (the index kind follows it). The database must "
-            "already be migrated (`artalign db upgrade`)."
+            "ARTALIGN_RETRIEVAL__MEMORY_BUDGET=4GiB (the index kind follows it), "
+            "ARTALIGN_INDEX_SNAPSHOTS=false (a replica sharing the writer's data folder). The "
+            "database must already be migrated (`artalign db upgrade`)."
         ),
     )
     _add_listen_options(serve)
@@ -211,6 +212,7 @@ def prepare_demo(*, collection: Path, create: Callable[[Path], object], database
                                        store=engine.store, collection=demo)
             if counts["created"] or counts["replaced"]:
                 engine.indexes.rebuild(session, progress=True)
+        engine.indexes.save_snapshot()
         log.info("demo ready: %d fragments, %d phrases", engine.indexes.fragment_count(),
                  engine.indexes.phrase_count())
         return len(demo.artworks)

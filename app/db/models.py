@@ -6,8 +6,9 @@ between artworks through a link table. Deleting an artwork cascades to everythin
 phrases that no artwork links to any more are removed by the ingest service.
 
 Ids of fragments and phrases are the ids in the FAISS indexes. ``sqlite_autoincrement``
-stops SQLite from reusing the id of a deleted row, so an id never names two things and the
-index manifest's (count, max id, id sum) fingerprint of the database stays honest.
+stops SQLite from reusing the id of a deleted row, so an id never names two things: a replay
+of the index change log (:class:`IndexChangeRow`) can drop every id it names and add back
+those whose rows still exist.
 """
 
 from __future__ import annotations
@@ -211,6 +212,21 @@ class IndexBuild(Base):
     state: Mapped[str] = mapped_column(String(16), default="building")  # BUILD_STATES
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class IndexChangeRow(Base):
+    """One committed change to fragments or phrases, written in the same transaction; its id
+    is its position in the log (commit order: see app.services.changes.record_change)."""
+
+    __tablename__ = "index_changes"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    added_fragments: Mapped[list[int]] = mapped_column(JSON)
+    removed_fragments: Mapped[list[int]] = mapped_column(JSON)
+    added_phrases: Mapped[list[int]] = mapped_column(JSON)
+    removed_phrases: Mapped[list[int]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class ApiKey(Base):

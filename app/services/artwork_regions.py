@@ -28,7 +28,7 @@ from index.featurestore import FeatureStore, FeatureStoreError, RegionRecord
 from index.fragments import ANNOTATION, DEFAULT_MAX_MEMBERS, EXTRACTED, WHOLE, region_set_members
 
 if TYPE_CHECKING:
-    from app.services.indexes import IndexChange
+    from app.services.changes import IndexChange
     from models.regions import RegionExtractor  # pulls in torch
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from app.db.models import Annotation, Artwork, ArtworkPhrase, Caption, Fragment, Phrase, Region
-from app.services.indexes import IndexChange
+from app.services.changes import IndexChange
 from index.fragments import fragments_of
 
 

@@ -157,7 +157,7 @@ def accept_annotation(
     the image.
     """
     from app.services.artwork_regions import add_box_fragment
-    from app.services.indexes import IndexChange
+    from app.services.changes import IndexChange, record_change
     from collection.phrases import normalise_phrase
 
     text = normalise_phrase(phrase)
@@ -185,11 +185,12 @@ def accept_annotation(
         session.add(annotation)
         add_box_fragment(session, store=engine.store, extractor=engine.extractor, artwork=artwork,
                          box=box, change=change)
+        record_change(session, change)
         session.commit()
     except BaseException:
         session.rollback()
         raise
-    if change.added_phrases or change.added_fragments:
-        engine.indexes.apply_change(session, change)
+    if change:
+        engine.indexes.catch_up(session)
     annotation.phrase = row
     return annotation

@@ -61,11 +61,13 @@ def ingest_collection(
 def ingest_collection_into(
     *, database_url: str, collection: str | Path, data_dir: str | Path,
     detector: str | Path, scan: str | Path | None = None, device: str = "auto",
-    progress: bool = True,
+    progress: bool = True, index_dir: str | Path | None = None,
 ) -> Counter[str]:
     """Ingest a collection folder into the database at ``database_url`` and the feature store
-    under ``data_dir``, then (with a ``scan`` checkpoint) bring the indexes up to date, so a
-    service started next loads them instead of rebuilding. Used by `artalign ingest`."""
+    under ``data_dir``, then (with a ``scan`` checkpoint) bring the indexes up to date and
+    save a snapshot (in ``index_dir``, default ``data_dir/index``), so a service started next
+    loads it instead of replaying or rebuilding.
+    Used by `artalign ingest`."""
     from app.db.session import create_db_engine, session_factory
     from collection.layout import Collection
     from models.checkpoint import resolve_device
@@ -82,8 +84,9 @@ def ingest_collection_into(
         if scan is not None:
             from app.services.retrieval import Engine
 
-            Engine.load(database=database, scan_checkpoint=scan, detector_checkpoint=None,
-                        data_dir=data_dir, device=device)
+            engine = Engine.load(database=database, scan_checkpoint=scan, detector_checkpoint=None,
+                                 data_dir=data_dir, device=device, index_dir=index_dir)
+            engine.indexes.save_snapshot()
     finally:
         database.dispose()
     return counts

@@ -1,28 +1,44 @@
 """The index lifecycle: the two FAISS indexes (fragments and phrases) of one model version.
 
-At start each index whose manifest names the current model version and the current database
-state is loaded; the others are rebuilt from the feature store (raw features need no image:
-a new checkpoint only re-projects them). Ingestion tells the indexes which ids changed
-(:class:`IndexChange`, :meth:`Indexes.apply_change`): they are updated in place and saved, no
-rebuild. A rebuild is built beside the serving index and swapped in when complete. Another
-process's saved indexes are picked up by :meth:`Indexes.sync`.
+The indexes reflect a position in the change log (:mod:`app.services.changes`). Every
+process brings them forward the same way, :meth:`Indexes.catch_up`: the writer after its
+own commit, a replica every ``index_sync_seconds``, any process at start. Nothing on the
+request path writes them to disk: a snapshot (:meth:`Indexes.save_snapshot`, called by the
+service's background thread, at shutdown and by the commands) saves both with the position
+they reflect. At start each index loads its snapshot when the model version matches, then
+the log past the snapshot is replayed; only an index without a usable snapshot is rebuilt
+from the feature store (raw features need no image: a new checkpoint only re-projects them),
+beside the serving one and swapped in when complete.
+
+Crash safety: the database is the truth and holds the log; the feature store is written
+before the commit that names its rows; a snapshot is written atomically with its position.
+Whatever was killed when, a restart loads a snapshot at some position and replays the rest.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.db.models import Fragment, IndexBuild, Phrase
+from app.services import changes
+from app.services.index_vectors import (
+    ENCODE_BATCH,
+    all_fragment_vectors,
+    all_phrase_vectors,
+    fragment_vectors,
+    phrase_vectors,
+)
+from index.atomic import file_lock
 from index.featurestore import FeatureStore
 from index.vectors import DEFAULT_MEMORY_BUDGET, VectorIndex, VectorIndexError, read_manifest
 
@@ -31,33 +47,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ENCODE_BATCH = 512  # fragments or phrases encoded per forward pass while building
+REPLAY_BATCH = 1000  # log entries read and applied at once
 INDEXES = ("fragments", "phrases")
-
-
-@dataclass
-class IndexChange:
-    """Database ids whose vectors an index must add or drop after a committed change."""
-
-    added_fragments: list[int] = field(default_factory=list)
-    removed_fragments: list[int] = field(default_factory=list)
-    added_phrases: list[int] = field(default_factory=list)
-    removed_phrases: list[int] = field(default_factory=list)
-
-
-def database_state(session: Session) -> dict[str, list[int]]:
-    """What the indexes must reflect: (count, max id, id sum) of fragments and of phrases.
-
-    Ids are never reused (see app.db.models), so any insert or delete changes the triple.
-    """
-    state = {}
-    for name, column in (("fragments", Fragment.id), ("phrases", Phrase.id)):
-        count, max_id, id_sum = session.execute(
-            select(func.count(column), func.max(column), func.sum(column))
-        ).one()
-        state[name] = [int(count), int(max_id or 0), int(id_sum or 0)]
-    end_read(session)
-    return state
+SNAPSHOT_LOCK = ".snapshot.lock"  # in the index folder: one snapshot writer, readers wait
 
 
 def end_read(session: Session) -> None:
@@ -70,18 +62,25 @@ def end_read(session: Session) -> None:
 
 class Indexes:
     """The fragment and phrase indexes of one model; ``indexes["fragments"]`` is the serving
-    :class:`~index.vectors.VectorIndex`. Searches may run while one writer updates."""
+    :class:`~index.vectors.VectorIndex`. Searches may run while one writer updates.
+    ``snapshots``: whether this process saves snapshots (off for a replica that shares its
+    index folder with a writer)."""
 
     def __init__(self, *, encoder: Encoder, model_version: str, store: FeatureStore,
-                 index_dir: str | Path, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> None:
+                 index_dir: str | Path, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                 snapshots: bool = True) -> None:
         self.encoder = encoder
         self.memory_budget = memory_budget  # bytes an index may take: picks its kind
         self.model_version = model_version
         self.store = store
         self.index_dir = Path(index_dir)
+        self.snapshots = snapshots
         self._by_name: dict[str, VectorIndex] = {name: VectorIndex(encoder.dim) for name in INDEXES}
-        # the database state each index reflects (see database_state), for sync()
-        self.states: dict[str, list[int]] = {}
+        self.position = 0  # the log position both indexes reflect
+        self._stamp: str | None = None  # when that change was committed (changes.stamp_of)
+        self._saved_position = 0  # the position of the newest snapshot on disk
+        # batches applied since that snapshot: (last position, first committed at, changes)
+        self._unsaved: list[tuple[int, datetime, int]] = []
         self._write_lock = threading.Lock()  # one index writer at a time (updates, rebuilds)
 
     def __getitem__(self, name: str) -> VectorIndex:
@@ -93,61 +92,86 @@ class Indexes:
     def phrase_count(self) -> int:
         return len(self._by_name["phrases"])
 
+    # -- start ----------------------------------------------------------------------------
+
     def start(self, session: Session, *, rebuild: bool = False) -> dict[str, str]:
-        """Load each index whose manifest matches the model and the database, else rebuild
-        it. Returns what happened per index: "loaded" or "rebuilt"."""
-        state = database_state(session)
-        outcome = {}
+        """Load each index's snapshot when it suits this model and database, rebuild the
+        others, then replay the log past the snapshots. Returns per index "loaded" or
+        "rebuilt"."""
+        outcome, positions = {}, {}
         for name in INDEXES:
-            try:
-                reason = "a rebuild was asked for" if rebuild else self._stale(name, state[name])
-            except VectorIndexError as exc:
-                log.warning("ignoring the %s index: %s", name, exc)
-                reason = "no saved index"
-            if reason is None:
-                try:
-                    self._by_name[name] = VectorIndex.load(self.index_dir / name)
-                    self.states[name] = state[name]
-                    outcome[name] = "loaded"
-                    log.info("loaded the %s index (%d vectors) from %s", name,
-                             len(self._by_name[name]), self.index_dir / name)
-                    continue
-                except VectorIndexError as exc:
-                    reason = str(exc)
+            reason = "a rebuild was asked for" if rebuild else self._load_snapshot(session, name)
+            if isinstance(reason, int):
+                positions[name], outcome[name] = reason, "loaded"
+                continue
             log.info("rebuilding the %s index: %s", name, reason)
             outcome[name] = "rebuilt"
+        end_read(session)
+        if positions:
+            self.position = self._saved_position = min(positions.values())
+            self._stamp = changes.stamp_of(session, self.position)
         stale = [name for name, done in outcome.items() if done == "rebuilt"]
         if stale:
             self.rebuild(session, only=stale)
+        started = time.perf_counter()
+        replayed = self.catch_up(session)
+        log.info("replayed %d changes of the log in %.2f s: the indexes are at position %d "
+                 "(%d fragments, %d phrases)", replayed, time.perf_counter() - started,
+                 self.position, self.fragment_count(), self.phrase_count())
         return outcome
 
-    def _stale(self, name: str, state: list[int]) -> str | None:
-        """Why the saved index ``name`` cannot serve the database ``state``; None if it can.
-        VectorIndexError when its manifest is unreadable."""
-        manifest = read_manifest(self.index_dir / name)
-        return ("no saved index" if manifest is None
-                else "another model version" if manifest["model_version"] != self.model_version
-                else "the database changed" if manifest["state"] != {name: state}
-                else None)
+    def _load_snapshot(self, session: Session, name: str) -> int | str:
+        """Load the saved index ``name``; returns the log position it reflects, or why it
+        cannot serve (a string)."""
+        folder = self.index_dir / name
+        with file_lock(self.index_dir / SNAPSHOT_LOCK, shared=True):  # no snapshot half-replaced
+            try:
+                manifest = read_manifest(folder)
+                if manifest is None:
+                    return "no saved index"
+                state = manifest["state"]
+                if manifest["model_version"] != self.model_version:
+                    return "another model version"
+                if not isinstance(state.get("log_position"), int):
+                    return "saved before the change log"
+                if changes.stamp_of(session, state["log_position"]) != state.get("log_stamp"):
+                    return f"saved at log position {state['log_position']} of another database"
+                self._by_name[name] = VectorIndex.load(folder)
+            except VectorIndexError as exc:
+                log.warning("ignoring the %s index: %s", name, exc)
+                return str(exc)
+        log.info("loaded the %s index (%d vectors, log position %d) from %s", name,
+                 len(self._by_name[name]), state["log_position"], folder)
+        return state["log_position"]
 
     def rebuild(self, session: Session, *, only: Sequence[str] = INDEXES,
                 progress: bool = False) -> None:
         """Encode every fragment and phrase again, build new indexes beside the serving ones,
-        then swap them in and save them."""
+        then swap them in and save them. The log position is read before the rows, so the
+        rows reflect at least that position (a later replay of what else they hold is
+        harmless: replays are idempotent)."""
         with self._write_lock:
             build = IndexBuild(model_version=self.model_version, state="building")
             session.add(build)
             session.commit()
             try:
-                state = database_state(session)
+                position = changes.latest_position(session)
+                stamp = changes.stamp_of(session, position)
                 built = {}
                 for name in only:
-                    ids, vectors = (self._all_fragment_vectors(session, progress) if name == "fragments"
-                                    else self._all_phrase_vectors(session, progress))
+                    ids, vectors = (
+                        all_fragment_vectors(session, self.encoder, self.store, progress)
+                        if name == "fragments" else all_phrase_vectors(session, self.encoder, progress))
                     built[name] = VectorIndex.build(ids, vectors, dim=self.encoder.dim,
                                                     memory_budget=self.memory_budget)
                 self._by_name.update(built)  # the swap: searches from now on see the new ones
-                self._save(state, only)
+                whole = set(only) == set(INDEXES)
+                if whole:
+                    self.position, self._stamp, self._unsaved = position, stamp, []
+                if self.snapshots:
+                    self._write_snapshot(built, position, stamp)
+                    if whole:
+                        self._saved_position = position
             except BaseException:
                 session.rollback()
                 build.state, build.finished_at = "failed", datetime.now(UTC)
@@ -159,101 +183,109 @@ class Indexes:
         log.info("index build %d: %d fragments, %d phrases", build.id, build.fragment_count,
                  build.phrase_count)
 
-    def apply_change(self, session: Session, change: IndexChange) -> None:
-        """Add and drop the vectors of a committed ingest or delete (no rebuild)."""
+    # -- the log --------------------------------------------------------------------------
+
+    def catch_up(self, session: Session) -> int:
+        """Apply every change the log holds past our position, in order; returns how many.
+        Idempotent, and the same for the writer (after its commit), replicas and a start."""
+        applied = 0
         with self._write_lock:
-            fragments, phrases = self._by_name["fragments"], self._by_name["phrases"]
-            fragments.remove(np.asarray(change.removed_fragments, dtype=np.int64))
-            phrases.remove(np.asarray(change.removed_phrases, dtype=np.int64))
-            if change.added_fragments:
-                rows = session.execute(
-                    select(Fragment.id, Fragment.region_rows)
-                    .where(Fragment.id.in_(change.added_fragments)).order_by(Fragment.id)
-                ).all()
-                if rows:  # none when a later change already deleted them again
-                    fragments.add(np.array([r.id for r in rows], dtype=np.int64),
-                                  self._pooled_fragments([r.region_rows for r in rows]))
-            if change.added_phrases:
-                rows = session.execute(
-                    select(Phrase.id, Phrase.text).where(Phrase.id.in_(change.added_phrases))
-                    .order_by(Phrase.id)
-                ).all()
-                if rows:
-                    phrases.add(np.array([r.id for r in rows], dtype=np.int64),
-                                self._pooled_phrases([r.text for r in rows]))
-            self._save(database_state(session))
+            while entries := changes.read_changes(session, self.position, REPLAY_BATCH):
+                self._apply(session, changes.coalesce(entries))
+                self.position, self._stamp = entries[-1].position, entries[-1].created_at.isoformat()
+                if self.snapshots:  # a process that never saves keeps no account
+                    self._unsaved.append((self.position, entries[0].created_at, len(entries)))
+                applied += len(entries)
+                if len(entries) < REPLAY_BATCH:
+                    break
+        end_read(session)
+        return applied
 
-    def sync(self, session: Session) -> list[str]:
-        """Catch up with what another process committed and saved (a writer replica,
-        `artalign ingest`): re-read the feature store's manifest and load each saved index
-        whose manifest matches this model and the database as it is now. Returns the names
-        of the indexes loaded. An index the writer has not saved yet stays as it is; the next
-        call tries again."""
-        state = database_state(session)
-        if all(self.states.get(name) == state[name] for name in INDEXES):
-            return []
-        loaded = []
-        with self._write_lock:
-            self.store.refresh()
-            for name in INDEXES:
-                if self.states.get(name) == state[name]:
-                    continue
-                try:
-                    if self._stale(name, state[name]) is not None:
-                        continue
-                    self._by_name[name] = VectorIndex.load(self.index_dir / name)
-                except VectorIndexError as exc:  # being replaced by the writer right now
-                    log.debug("not loading the %s index yet: %s", name, exc)
-                    continue
-                self.states[name] = state[name]
-                loaded.append(name)
-        if loaded:
-            log.info("loaded the %s index%s saved by another process", " and ".join(loaded),
-                     "es" if len(loaded) > 1 else "")
-        return loaded
+    def _apply(self, session: Session, change: changes.Coalesced) -> None:
+        """Drop every id the change names, then add the added ones whose rows still exist
+        (none when a later change deleted them again). Adding an id replaces its vector,
+        so the ids added are not dropped first: one pass over a flat index, not two."""
+        for name, removed, added in (("fragments", change.removed_fragments, change.added_fragments),
+                                     ("phrases", change.removed_phrases, change.added_phrases)):
+            ids, vectors = self._existing_vectors(session, name, added)
+            self._by_name[name].remove(np.setdiff1d(np.asarray(removed, dtype=np.int64), ids))
+            self._by_name[name].add(ids, vectors)
 
-    def _save(self, state: dict[str, list[int]], names: Sequence[str] = INDEXES) -> None:
-        """Write the indexes ``names`` with the database ``state`` they reflect (the caller
-        holds the write lock)."""
-        for name in names:
-            self._by_name[name].save(self.index_dir / name, model_version=self.model_version,
-                                     state={name: state[name]})
-            self.states[name] = state[name]
-
-    def _all_fragment_vectors(self, session: Session, progress: bool) -> tuple[np.ndarray, np.ndarray]:
-        from tqdm import tqdm
-
-        total = session.scalar(select(func.count(Fragment.id))) or 0
+    def _existing_vectors(self, session: Session, name: str,
+                          wanted: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The ids of ``wanted`` whose fragment (or phrase) rows exist, and their vectors."""
         ids, vectors = [], []
-        query = select(Fragment.id, Fragment.region_rows).order_by(Fragment.id)
-        with tqdm(total=total, desc="encode fragments", unit="fragment", disable=not progress) as bar:
-            for batch in session.execute(query.execution_options(yield_per=ENCODE_BATCH)).partitions():
-                ids.extend(r.id for r in batch)
-                vectors.append(self._pooled_fragments([r.region_rows for r in batch]))
-                bar.update(len(batch))
-        return self._stack(ids, vectors)
-
-    def _all_phrase_vectors(self, session: Session, progress: bool) -> tuple[np.ndarray, np.ndarray]:
-        from tqdm import tqdm
-
-        rows = session.execute(select(Phrase.id, Phrase.text).order_by(Phrase.id)).all()
-        vectors = [
-            self._pooled_phrases([r.text for r in rows[start:start + ENCODE_BATCH]])
-            for start in tqdm(range(0, len(rows), ENCODE_BATCH), desc="encode phrases",
-                              unit="batch", disable=not progress)
-        ]
-        return self._stack([r.id for r in rows], vectors)
-
-    def _stack(self, ids: list[int], vectors: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        for start in range(0, len(wanted), ENCODE_BATCH):
+            chunk = wanted[start:start + ENCODE_BATCH]
+            if name == "fragments":
+                rows = session.execute(select(Fragment.id, Fragment.region_rows)
+                                       .where(Fragment.id.in_(chunk)).order_by(Fragment.id)).all()
+                if rows:
+                    self._have_rows(rows)
+                    vectors.append(fragment_vectors(self.encoder, self.store, [r.region_rows for r in rows]))
+            else:
+                rows = session.execute(select(Phrase.id, Phrase.text)
+                                       .where(Phrase.id.in_(chunk)).order_by(Phrase.id)).all()
+                if rows:
+                    vectors.append(phrase_vectors(self.encoder, [r.text for r in rows]))
+            ids.extend(r.id for r in rows)
         return (np.asarray(ids, dtype=np.int64),
                 np.concatenate(vectors) if vectors else np.zeros((0, self.encoder.dim), np.float32))
 
-    def _pooled_fragments(self, region_rows: Sequence[Sequence[int]]) -> np.ndarray:
-        from models.encoder import pooled_numpy
+    def _have_rows(self, fragments: Sequence) -> None:
+        """Make sure the feature store holds the fragments' rows: another process appended
+        them before its commit, so a re-read of the store's manifest finds them."""
+        needed = max(max(f.region_rows) for f in fragments)
+        if needed >= len(self.store) and not (self.store.refresh() and needed < len(self.store)):
+            raise RuntimeError(
+                f"fragment {fragments[0].id} names feature-store row {needed}, but the store at "
+                f"{self.store.root} holds {len(self.store)} rows: every process must read the "
+                "feature store the writers append to")
 
-        return pooled_numpy(*self.encoder.stored(self.store, region_rows))  # (n, d)
+    def lag(self, session: Session) -> changes.Lag:
+        """The log position applied, the database's newest, and how far behind that is."""
+        behind = changes.lag(session, self.position)
+        end_read(session)
+        return behind
 
-    def _pooled_phrases(self, texts: Sequence[str]) -> np.ndarray:
-        from models.encoder import pooled_numpy
+    # -- snapshots ------------------------------------------------------------------------
 
-        return pooled_numpy(*self.encoder.texts(texts))  # (n, d)
+    def unsaved(self) -> tuple[int, float]:
+        """Changes applied since the newest snapshot, and the age in seconds of the oldest."""
+        with self._write_lock:
+            count = sum(n for _, _, n in self._unsaved)
+            first = self._unsaved[0][1] if self._unsaved else None
+        return count, (datetime.now(UTC) - first).total_seconds() if first else 0.0
+
+    def save_snapshot(self) -> bool:
+        """Save both indexes with the log position they reflect, when changes were applied
+        since the newest snapshot; False when there was nothing to save. The indexes are
+        copied in memory under the write lock and written after it, so uploads wait for a
+        copy, not for the disk."""
+        with self._write_lock:
+            position, stamp = self.position, self._stamp
+            if position == self._saved_position or not self.snapshots:
+                return False
+            copies = {name: index.copy() for name, index in self._by_name.items()}
+        self._write_snapshot(copies, position, stamp)
+        with self._write_lock:
+            self._saved_position = max(self._saved_position, position)
+            self._unsaved = [batch for batch in self._unsaved if batch[0] > position]
+        return True
+
+    def _write_snapshot(self, indexes: dict[str, VectorIndex], position: int, stamp: str | None) -> None:
+        """Save ``indexes`` at ``position``, unless a snapshot of this model at that position
+        or a later one is there already (another process sharing the folder saved it): two
+        processes never replace each other's newer snapshot or delete its file."""
+        with file_lock(self.index_dir / SNAPSHOT_LOCK):
+            for name, index in indexes.items():
+                try:
+                    manifest = read_manifest(self.index_dir / name)
+                except VectorIndexError:
+                    manifest = None
+                if (manifest is not None and manifest["model_version"] == self.model_version
+                        and isinstance(manifest["state"].get("log_position"), int)
+                        and manifest["state"]["log_position"] >= position):
+                    continue
+                index.save(self.index_dir / name, model_version=self.model_version,
+                           state={"log_position": position, "log_stamp": stamp})

@@ -9,8 +9,10 @@ input twice is reported "unchanged" and writes nothing. A failure at any step ro
 transaction back: no partial artwork. A feature-store record left behind by a failed ingest
 is harmless: it is keyed by image content and reused by the next try.
 
-Given the serving :class:`~app.services.indexes.Indexes`, ingest and delete update them
-after the commit (no rebuild).
+Ingest and delete append what they changed to the index change log in their own
+transaction (:mod:`app.services.changes`); given the serving
+:class:`~app.services.indexes.Indexes`, they bring them up to the log after the commit (no
+rebuild, nothing written to disk).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from app.services.artwork_rows import (
     drop_orphan_phrases,
     write_rows,
 )
-from app.services.indexes import IndexChange
+from app.services.changes import IndexChange, record_change
 from app.services.uploads import decode_upload
 from collection.layout import Annotation as CollectionAnnotation
 from index.featurestore import FeatureStore, RegionRecord
@@ -89,7 +91,7 @@ def ingest_artwork(
     them here. record: the image's regions when already extracted (a collection's feature
     store). The image is kept at ``image_location`` if given, else written under
     ``image_dir`` named by its sha256. image: ``image_bytes`` already decoded by
-    :func:`decode_image` (not decoded again). indexes: updated after the commit.
+    :func:`decode_image` (not decoded again). indexes: brought up to the log after the commit.
     """
     content, image = _content(external_id, image_bytes, image, max_pixels, title=title,
                               metadata=metadata, captions=captions, annotations=annotations,
@@ -106,11 +108,11 @@ def ingest_artwork(
         if image_dir is None:
             raise ValueError(f"artwork {external_id!r}: give image_location or image_dir")
         image_location = str(save_image(Path(image_dir), image_bytes, content.image_sha256))
-    change = IndexChange()
     try:
         artwork = write_rows(session, existing=existing, content=content,
                              phrases=_phrases(content), image_location=image_location,
-                             regions=regions, change=change)
+                             regions=regions, change=(change := IndexChange()))
+        record_change(session, change)  # last: the log's lock is held until the commit
         session.commit()
     except BaseException:
         session.rollback()
@@ -119,7 +121,7 @@ def ingest_artwork(
     log.info("%s artwork %s (id %d): %d regions, %d fragments, %d phrases", status, external_id,
              artwork.id, len(regions.rows), len(change.added_fragments), len(artwork.phrase_links))
     if indexes is not None:
-        indexes.apply_change(session, change)
+        indexes.catch_up(session)
     return IngestResult(artwork.id, external_id, status, len(regions.rows),
                         len(change.added_fragments), len(artwork.phrase_links))
 
@@ -190,6 +192,7 @@ def delete_artwork(session: Session, *, external_id: str, indexes: Indexes | Non
         session.delete(artwork)
         session.flush()
         change.removed_phrases = drop_orphan_phrases(session, phrase_ids)
+        record_change(session, change)
         session.commit()
     except BaseException:
         session.rollback()
@@ -197,7 +200,7 @@ def delete_artwork(session: Session, *, external_id: str, indexes: Indexes | Non
     log.info("deleted artwork %s: %d fragments, %d orphan phrases", external_id,
              len(change.removed_fragments), len(change.removed_phrases))
     if indexes is not None:
-        indexes.apply_change(session, change)
+        indexes.catch_up(session)
     return True
 
 

@@ -66,11 +66,13 @@ class Engine(FragmentSearch):
         cls, *, database: DatabaseEngine, scan_checkpoint: str | Path,
         detector_checkpoint: str | Path | None, data_dir: str | Path, device: str = "auto",
         rebuild: bool = False, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-        attribute_words: bool = True,
+        attribute_words: bool = True, index_dir: str | Path | None = None, snapshots: bool = True,
     ) -> Engine:
         """Load the checkpoints and the feature store under ``data_dir``, then the indexes
-        (rebuilt when stale, or always with ``rebuild``; of the kind ``memory_budget`` bytes
-        allow)."""
+        from their snapshots in ``index_dir`` (default ``data_dir/index``) and the change log
+        past them (rebuilt when there is no usable snapshot, or always with ``rebuild``; of
+        the kind ``memory_budget`` bytes allow). ``snapshots``: whether this process saves
+        them (see :class:`~app.services.indexes.Indexes`)."""
         from app.db.session import session_factory
         from models.checkpoint import CheckpointError, resolve_device
         from models.regions import RegionExtractor
@@ -89,7 +91,8 @@ class Engine(FragmentSearch):
         store = FeatureStore(data_dir / "features",
                              extractor=extractor.version if extractor is not None else None)
         indexes = Indexes(encoder=Encoder(model, vocab), model_version=checkpoint.sha256,
-                          store=store, index_dir=data_dir / "index", memory_budget=memory_budget)
+                          store=store, index_dir=index_dir or data_dir / "index",
+                          memory_budget=memory_budget, snapshots=snapshots)
         with session_factory(database)() as session:
             indexes.start(session, rebuild=rebuild)
         return cls(indexes=indexes, extractor=extractor, image_dir=data_dir / "images",
