@@ -85,7 +85,7 @@ async def _sample_inputs(client: httpx.AsyncClient, artworks: int, seed: int
     return phrases, crops, images
 
 
-def _new_image(image: Any, rng: random.Random) -> bytes:
+def new_image(image: Any, rng: random.Random) -> bytes:
     """PNG bytes of a random 85-100 % crop of ``image``, flipped half the time: a new image."""
     from PIL import ImageOps
 
@@ -100,9 +100,11 @@ def _new_image(image: Any, rng: random.Random) -> bytes:
     return buffer.getvalue()
 
 
-async def _load(client: httpx.AsyncClient, name: str, total: int, clients: int,
-                make_request: Callable[[int], Awaitable[httpx.Response]],
-                ok_status: tuple[int, ...] = (200,)) -> EndpointResult:
+async def load_requests(client: httpx.AsyncClient, name: str, total: int, clients: int,
+                        make_request: Callable[[int], Awaitable[httpx.Response]],
+                        ok_status: tuple[int, ...] = (200,)) -> EndpointResult:
+    """``total`` calls of ``make_request(index)`` shared by ``clients`` concurrent workers;
+    answers in ``ok_status`` are timed, 503s counted as refused, the rest as failed."""
     import asyncio
 
     import httpx
@@ -164,15 +166,15 @@ async def run(url: str, *, clients: int, requests: int, artworks: int, seed: int
         await search(0)
         await annotate(0)
         results = [
-            await _load(client, "GET /search", requests, clients, search),
-            await _load(client, "POST /annotate", requests, clients, annotate),
+            await load_requests(client, "GET /search", requests, clients, search),
+            await load_requests(client, "POST /annotate", requests, clients, annotate),
         ]
         if uploads:
             # New images on every run: the feature store keeps an image's regions after its
             # artwork is deleted, so an image uploaded before would skip the detector.
             tag = f"bench-upload-{time.time_ns()}"
             rng = random.Random(tag)
-            bodies = [_new_image(images[i % len(images)], rng) for i in range(2 * uploads)]
+            bodies = [new_image(images[i % len(images)], rng) for i in range(2 * uploads)]
             headers = {"X-API-Key": api_key} if api_key else {}
 
             def upload(index: int) -> Awaitable[httpx.Response]:
@@ -181,14 +183,15 @@ async def run(url: str, *, clients: int, requests: int, artworks: int, seed: int
                 return client.post("/artworks", headers=headers, data={"artwork": json.dumps(document)},
                                    files={"image": ("upload.png", bodies[index], "image/png")})
 
-            serial = await _load(client, "POST /artworks x1", uploads, 1, upload, ok_status=(201,))
+            serial = await load_requests(client, "POST /artworks x1", uploads, 1, upload,
+                                         ok_status=(201,))
             offset = uploads
 
             def upload_second(index: int) -> Awaitable[httpx.Response]:
                 return upload(offset + index)
 
-            results += [serial, await _load(client, f"POST /artworks x{clients}", uploads, clients,
-                                            upload_second, ok_status=(201,))]
+            results += [serial, await load_requests(client, f"POST /artworks x{clients}", uploads,
+                                                    clients, upload_second, ok_status=(201,))]
             for index in range(2 * uploads):
                 await client.delete(f"/artworks/external/{tag}-{index}", headers=headers)
         return results
@@ -212,6 +215,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="X-API-Key for --uploads (the one `artalign demo` prints)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH",
                         help="also write the JSON report here (atomically)")
+    from bench import uploads
+
+    uploads.add_arguments(parser.add_argument_group(
+        "uploads at size (--stored): the benchmark fills scratch collections and serves them itself"))
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -233,6 +240,10 @@ def main(options: argparse.Namespace) -> int:
 
     import httpx
 
+    if options.stored:
+        from bench import uploads
+
+        return uploads.main(options)
     for name in ("clients", "requests", "artworks"):
         if getattr(options, name) < 1:
             raise ValueError(f"--{name} must be at least 1")
