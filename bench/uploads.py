@@ -65,7 +65,7 @@ def photos(count: int, seed: int) -> list[tuple[bytes, str]]:
     """``count`` new PNG images (crops of demo/real's photographs) with their titles."""
     from PIL import Image
 
-    from bench.http import new_image
+    from bench.load import new_image
 
     with open(PHOTOS / "metadata.csv", encoding="utf-8", newline="") as handle:
         rows = [r for r in csv.DictReader(handle) if (PHOTOS / "images" / f"{r['ID']}.jpg").is_file()]
@@ -153,7 +153,7 @@ async def time_uploads(url: str, api_key: str, bodies: list[tuple[bytes, str]], 
     """The timed uploads (after ``warmup`` untimed ones), from one client."""
     import httpx
 
-    from bench.http import load_requests
+    from bench.load import load_requests
 
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:
         def upload(index: int) -> Any:
