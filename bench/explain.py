@@ -73,7 +73,7 @@ def shorten(sql: str, width: int = 88) -> str:
     """One line: the select list and IN lists elided."""
     text = " ".join(sql.split())
     text = re.sub(r"^SELECT .*? FROM ", "SELECT … FROM ", text)
-    mark = r"(?:%\(\w+\)s|\$\d+)(?:::[A-Z ]+)?"  # a placeholder, maybe cast
+    mark = r"(?:%\(\w+\)s|\$\d+)(?:::(?:TIMESTAMP WITH TIME ZONE|[A-Z]+))?"  # a placeholder, maybe cast
     text = re.sub(rf"\(\s*{mark}(?:\s*,\s*{mark})+\s*\)", "(…)", text)
     text = re.sub(rf"{mark}", "?", text)
     text = re.sub(r"(VALUES \(.*?\))(?:, \(.*?\))+", r"\1, …", text)
