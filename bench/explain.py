@@ -53,6 +53,7 @@ class Explained:
     requests: list[str]  # the requests that sent it
     root: str  # the plan's root node
     tables: list[str]  # tables the plan reads
+    big_tables: list[str]  # of those, tables over the big-table threshold
     uses_index: bool
     seq_scans: list[str]  # tables read by a sequential scan
     big_seq_scans: list[str]  # of those, tables over BIG_ROWS rows
@@ -97,6 +98,7 @@ def summarise(plan: dict, sql: str, requests: list[str], table_rows: dict[str, f
     root = plan["Node Type"] + (f" ({plan['Operation']})" if "Operation" in plan else "")
     return Explained(
         statement=shorten(sql), requests=requests, root=root, tables=tables,
+        big_tables=[t for t in tables if table_rows.get(t, 0) > big_rows],
         uses_index=any(n["Node Type"] in INDEX_NODES for n in nodes), seq_scans=seq,
         big_seq_scans=[t for t in seq if table_rows.get(t, 0) > big_rows],
         rows=float(plan.get("Plan Rows", 0)),

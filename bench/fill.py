@@ -239,12 +239,15 @@ def fill_store(root: Path, artworks: int, *, dim: int, extractor: str, seed: int
 
 def manifest_states(session: Any) -> dict[str, dict[str, Any]]:
     """What each saved index's manifest records about the database it reflects, by index
-    name: the one place that knows it (today the count, max id and id sum of
-    :func:`app.services.indexes.database_state`)."""
-    from app.services.indexes import INDEXES, database_state
+    name: the one place that knows it. Today the position of the newest change in the index
+    change log and when it was committed (:mod:`app.services.changes`); a filled database
+    has an empty log, so position 0."""
+    from app.services import changes
+    from app.services.indexes import INDEXES
 
-    state = database_state(session)
-    return {name: {name: state[name]} for name in INDEXES}
+    position = changes.latest_position(session)
+    state = {"log_position": position, "log_stamp": changes.stamp_of(session, position)}
+    return {name: state for name in INDEXES}
 
 
 def fill_indexes(database: Any, index_dir: Path, *, fragments: int, phrases: int, dim: int,

@@ -46,7 +46,7 @@ def test_hot_statements_read_big_tables_through_an_index(
     hot = [e for e in explained if not e.whole_table]
     misses = [(e.requests, e.statement, e.big_seq_scans) for e in hot if e.big_seq_scans]
     assert not misses, misses
-    reads = [e for e in hot if e.tables]
+    reads = [e for e in hot if e.big_tables]
     assert all(e.uses_index for e in reads), [(e.statement, e.root) for e in reads if not e.uses_index]
     # The statements that matter most, by name: search's candidates and their boxes,
     # the upload's lookup by external id, the detail's fragments.
