@@ -28,6 +28,7 @@ class EndpointResult:
     p95_ms: float
     mean_ms: float
     throughput_rps: float
+    max_ms: float = float("nan")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -94,4 +95,5 @@ async def load_requests(client: httpx.AsyncClient, name: str, total: int, client
         p95_ms=round(percentile(latencies, 95), 1),
         mean_ms=round(statistics.fmean(latencies), 1) if latencies else float("nan"),
         throughput_rps=round(counts["ok"] / wall, 2),
+        max_ms=round(max(latencies), 1) if latencies else float("nan"),
     )
