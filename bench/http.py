@@ -21,37 +21,17 @@ from __future__ import annotations
 import argparse
 import io
 import random
-import statistics
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Awaitable
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bench.load import EndpointResult, load_requests, new_image
 from bench.report import publish, run_as_main
 
 if TYPE_CHECKING:  # asyncio, httpx and PIL load inside the functions: `artalign --help` imports this module
     import httpx
-
-
-@dataclass
-class EndpointResult:
-    endpoint: str
-    requests: int
-    ok: int
-    refused: int  # 503: the service's inference limit said "come back later"
-    failed: int
-    p50_ms: float
-    p95_ms: float
-    mean_ms: float
-    throughput_rps: float
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0..100), interpolated linearly between closest ranks; NaN when empty."""
-    import numpy as np
-
-    return float(np.percentile(values, q)) if values else float("nan")
 
 
 async def _sample_inputs(client: httpx.AsyncClient, artworks: int, seed: int
@@ -85,64 +65,6 @@ async def _sample_inputs(client: httpx.AsyncClient, artworks: int, seed: int
     return phrases, crops, images
 
 
-def _new_image(image: Any, rng: random.Random) -> bytes:
-    """PNG bytes of a random 85-100 % crop of ``image``, flipped half the time: a new image."""
-    from PIL import ImageOps
-
-    width, height = image.size
-    w, h = int(width * rng.uniform(0.85, 1.0)), int(height * rng.uniform(0.85, 1.0))
-    x, y = rng.randint(0, width - w), rng.randint(0, height - h)
-    new = image.crop((x, y, x + w, y + h))
-    if rng.random() < 0.5:
-        new = ImageOps.mirror(new)
-    buffer = io.BytesIO()
-    new.save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-async def _load(client: httpx.AsyncClient, name: str, total: int, clients: int,
-                make_request: Callable[[int], Awaitable[httpx.Response]],
-                ok_status: tuple[int, ...] = (200,)) -> EndpointResult:
-    import asyncio
-
-    import httpx
-
-    latencies: list[float] = []
-    counts = {"ok": 0, "refused": 0, "failed": 0}
-    next_index = 0
-
-    async def worker() -> None:
-        nonlocal next_index
-        while next_index < total:
-            index = next_index
-            next_index += 1  # one event loop thread: no lock needed
-            start = time.perf_counter()
-            try:
-                response = await make_request(index)
-            except httpx.HTTPError:
-                counts["failed"] += 1
-                continue
-            elapsed = time.perf_counter() - start
-            if response.status_code in ok_status:
-                counts["ok"] += 1
-                latencies.append(elapsed * 1000)
-            elif response.status_code == 503:
-                counts["refused"] += 1
-            else:
-                counts["failed"] += 1
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(clients)))
-    wall = time.perf_counter() - started
-    return EndpointResult(
-        endpoint=name, requests=total, ok=counts["ok"], refused=counts["refused"],
-        failed=counts["failed"], p50_ms=round(percentile(latencies, 50), 1),
-        p95_ms=round(percentile(latencies, 95), 1),
-        mean_ms=round(statistics.fmean(latencies), 1) if latencies else float("nan"),
-        throughput_rps=round(counts["ok"] / wall, 2),
-    )
-
-
 async def run(url: str, *, clients: int, requests: int, artworks: int, seed: int,
               timeout: float, uploads: int = 0, api_key: str | None = None) -> list[EndpointResult]:
     import json
@@ -164,15 +86,15 @@ async def run(url: str, *, clients: int, requests: int, artworks: int, seed: int
         await search(0)
         await annotate(0)
         results = [
-            await _load(client, "GET /search", requests, clients, search),
-            await _load(client, "POST /annotate", requests, clients, annotate),
+            await load_requests(client, "GET /search", requests, clients, search),
+            await load_requests(client, "POST /annotate", requests, clients, annotate),
         ]
         if uploads:
             # New images on every run: the feature store keeps an image's regions after its
             # artwork is deleted, so an image uploaded before would skip the detector.
             tag = f"bench-upload-{time.time_ns()}"
             rng = random.Random(tag)
-            bodies = [_new_image(images[i % len(images)], rng) for i in range(2 * uploads)]
+            bodies = [new_image(images[i % len(images)], rng) for i in range(2 * uploads)]
             headers = {"X-API-Key": api_key} if api_key else {}
 
             def upload(index: int) -> Awaitable[httpx.Response]:
@@ -181,14 +103,15 @@ async def run(url: str, *, clients: int, requests: int, artworks: int, seed: int
                 return client.post("/artworks", headers=headers, data={"artwork": json.dumps(document)},
                                    files={"image": ("upload.png", bodies[index], "image/png")})
 
-            serial = await _load(client, "POST /artworks x1", uploads, 1, upload, ok_status=(201,))
+            serial = await load_requests(client, "POST /artworks x1", uploads, 1, upload,
+                                         ok_status=(201,))
             offset = uploads
 
             def upload_second(index: int) -> Awaitable[httpx.Response]:
                 return upload(offset + index)
 
-            results += [serial, await _load(client, f"POST /artworks x{clients}", uploads, clients,
-                                            upload_second, ok_status=(201,))]
+            results += [serial, await load_requests(client, f"POST /artworks x{clients}", uploads,
+                                                    clients, upload_second, ok_status=(201,))]
             for index in range(2 * uploads):
                 await client.delete(f"/artworks/external/{tag}-{index}", headers=headers)
         return results
@@ -212,6 +135,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="X-API-Key for --uploads (the one `artalign demo` prints)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH",
                         help="also write the JSON report here (atomically)")
+    from bench import uploads
+
+    uploads.add_arguments(parser.add_argument_group(
+        "uploads at size (--stored): the benchmark fills scratch collections and serves them itself"))
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -233,6 +160,10 @@ def main(options: argparse.Namespace) -> int:
 
     import httpx
 
+    if options.stored:
+        from bench import uploads
+
+        return uploads.main(options)
     for name in ("clients", "requests", "artworks"):
         if getattr(options, name) < 1:
             raise ValueError(f"--{name} must be at least 1")

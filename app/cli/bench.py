@@ -26,7 +26,10 @@ BENCHMARKS = [
     ("store", "bench.store",
      "feature store: open, refresh, append and read cost vs shards written, before and after compaction"),
     ("http", "bench.http",
-     "HTTP latency (p50/p95) of GET /search and POST /annotate on a running service"),
+     "HTTP latency (p50/p95) of GET /search and POST /annotate on a running service; with "
+     "--stored, upload latency with N fragments already stored"),
+    ("explain", "bench.explain",
+     "PostgreSQL plans of every statement on the search and upload paths at N fragments"),
 ]
 
 
