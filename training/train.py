@@ -80,7 +80,10 @@ class TrainOptions:
     embed_dim: int = 1024
     word_dim: int = 300
     text_encoder: str = "gru"  # "gru" or "minilm" (frozen, its outputs cached per text)
-    minilm_head: str = "words"  # minilm: "words" (projection + vocabulary codes) or "linear"
+    # minilm: "words" (projection + vocabulary codes), "linear", or "gru" (MiniLM's features
+    # beside vocabulary embeddings, read by a GRU)
+    minilm_head: str = "words"
+    word_dropout: float = 0.5  # minilm heads "words", "gru": known words read as unknown in training
     pooled_weight: float = 1.0
     xattn_weight: float = 1.0  # 0: a vectors-only baseline, selected by its pooled rsum
     # fine grain with boxes: negative fragments per artwork of a batch (its whole image and
@@ -234,6 +237,7 @@ def _scan_config(options: TrainOptions, vocab_size: int, raw_dim: int) -> ScanCo
         max_violation=options.max_violation, grad_clip=options.grad_clip,
         pooled_weight=options.pooled_weight, xattn_weight=options.xattn_weight,
         text_encoder=options.text_encoder, minilm_head=options.minilm_head,
+        word_dropout=options.word_dropout,
         minilm_sha256=minilm_weights_sha256() if options.text_encoder == "minilm" else None,
     )
 
