@@ -332,8 +332,10 @@ def _restore(path: Path, model, optimizer, schedule, config):
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
         raise ValueError(f"{path}: not an artalign SCAN training state")
-    if state["config"] != config.to_dict():
-        changed = sorted(k for k, v in config.to_dict().items() if state["config"].get(k) != v)
+    # through ScanConfig, so that a state saved before a field existed reads with its default
+    saved = ScanConfig.from_dict(state["config"]).to_dict()
+    if saved != config.to_dict():
+        changed = sorted(k for k, v in config.to_dict().items() if saved.get(k) != v)
         raise ValueError(f"{path}: was trained with a different model config (differs in "
                          f"{', '.join(changed)}); resume with the same options")
     model.load_state_dict(state["model"])
