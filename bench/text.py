@@ -4,7 +4,8 @@ index costs, and what each way of training MiniLM would cost.
     python -m bench.text [--repeats 20 --threads 1 --json PATH]
     artalign bench text --collection var/egyptian
 
-  query     one typed query -> the pooled vector the first stage searches with, as the
+  query     for GRU-SCAN, MiniLM-SCAN (head "words") and MiniLM-SCAN with head "gru" ("minilm+gru"):
+            one typed query -> the pooled vector the first stage searches with, as the
             service does it (app.services.query: the spaCy phrase split, then
             models.text.TextReader and the model's text encoder), one query at a time,
             MiniLM's per-text cache off; p50 and p95 over every query and repeat. The split
@@ -13,7 +14,8 @@ index costs, and what each way of training MiniLM would cost.
             phrase index build does it (batches of 512): seconds and phrases per second.
   training  one batch of --batch phrases through the text side, forward and backward, as
             a training step would: the trained head alone on cached MiniLM outputs (what
-            `--text-encoder minilm` does), frozen MiniLM read afresh every batch, MiniLM's
+            `--text-encoder minilm` does; head "words", and head "gru": MiniLM's
+            features beside vocabulary embeddings, read by a GRU), frozen MiniLM read afresh every batch, MiniLM's
             top layer fine-tuned, all of MiniLM fine-tuned; and the GRU. Seconds per batch,
             and per epoch of --pairs pairs.
 
@@ -39,7 +41,8 @@ log = logging.getLogger(__name__)
 QUERIES = ("golden birds", "two gold birds", "blue fish on a red cup", "a hawk", "gilded vessel",
            "porcelain stem cup with polychrome overglaze enamels", "lady with a fan",
            "three turquoise dragons among clouds", "scarab", "inscription band on a limestone stela")
-ENCODERS = ("gru", "minilm")
+# text sides compared: name -> (ScanConfig.text_encoder, ScanConfig.minilm_head)
+ENCODERS = {"gru": ("gru", "words"), "minilm": ("minilm", "words"), "minilm+gru": ("minilm", "gru")}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,11 +73,13 @@ def _phrases(collection: Path | None) -> list[str]:
             for c in COLOURS for m in MOTIFS for n in COUNT_WORDS]
 
 
-def _model(encoder: str, vocab):
+def _model(name: str, vocab):
     from models.scan import SCAN, ScanConfig
     from models.text import TextReader, minilm_weights_sha256
 
+    encoder, head = ENCODERS[name]
     config = ScanConfig(vocab_size=len(vocab), embed_dim=256, word_dim=128, text_encoder=encoder,
+                        minilm_head=head,
                         minilm_sha256=minilm_weights_sha256() if encoder == "minilm" else None)
     return SCAN(config).eval(), TextReader(config.text_encoder, vocab, cache_size=0)
 
@@ -134,6 +139,7 @@ def _time_training(phrases: list[str], vocab, batch: int) -> dict[str, float]:
     encoded = backbone.tokenizer(texts, is_split_into_words=True, padding=True, return_tensors="pt")
     gru, gru_reader = _model("gru", vocab)
     head, reader = _model("minilm", vocab)
+    gru_head, _ = _model("minilm+gru", vocab)
     cached, lens = reader.batch(texts)
     ids, id_lens = gru_reader.batch(texts)
     layers = backbone.model.encoder.layer
@@ -156,6 +162,7 @@ def _time_training(phrases: list[str], vocab, batch: int) -> dict[str, float]:
     runs = {
         "gru": lambda: gru.encode_texts(ids, id_lens),
         "minilm cached (trained head only)": lambda: head.encode_texts(cached, lens),
+        "minilm cached, head gru": lambda: gru_head.encode_texts(cached, lens),
         "minilm frozen, read every batch": lambda: head.encode_texts(*reader.batch(texts)),
         "minilm, top layer fine-tuned": fine_tune(1),
         "minilm, all layers fine-tuned": fine_tune(len(layers)),
@@ -196,9 +203,9 @@ def format_table(report: dict[str, Any]) -> str:
     query, index = report["query"], report["index"]
     split = report["query_split"]
     lines = [f"{report['machine']['threads']} thread(s), phrases from {report['phrases_from']}",
-             f"{'':<7} {'query p50 ms':>12} {'p95 ms':>8} {'phrases':>8} {'index s':>8} {'phrases/s':>10}"]
+             f"{'':<10} {'query p50 ms':>12} {'p95 ms':>8} {'phrases':>8} {'index s':>8} {'phrases/s':>10}"]
     for encoder in ENCODERS:
-        lines.append(f"{encoder:<7} {query[encoder]['p50_ms']:>12.1f} {query[encoder]['p95_ms']:>8.1f} "
+        lines.append(f"{encoder:<10} {query[encoder]['p50_ms']:>12.1f} {query[encoder]['p95_ms']:>8.1f} "
                      f"{index[encoder]['phrases']:>8} {index[encoder]['seconds']:>8.2f} "
                      f"{index[encoder]['phrases_per_second']:>10.0f}")
     lines.append(f"(of which the phrase split: p50 {split['p50_ms']:.1f} ms, p95 {split['p95_ms']:.1f} ms)")

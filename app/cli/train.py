@@ -71,11 +71,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="gru: a GRU over the collection's vocabulary, trained with SCAN "
                             "(default); minilm: the pretrained all-MiniLM-L6-v2, frozen, with a "
                             "trained projection: reads words the collection never used")
-    model.add_argument("--minilm-head", choices=("linear", "words"),
-                       help="minilm: how its word features enter the joint space: with a "
+    model.add_argument("--minilm-head", choices=("linear", "words", "gru"),
+                       help="minilm: how its word features enter the joint space: words: with a "
                             "trained code added per word of the collection's vocabulary (default; "
                             "tells rare catalogue words such as dates and names apart, other "
-                            "words are still read through MiniLM), or a linear projection alone")
+                            "words are still read through MiniLM); linear: a projection alone; "
+                            "gru: beside a trained embedding per vocabulary word, read by a GRU "
+                            "(--word-dim, --uni-gru apply)")
+    model.add_argument("--word-dropout", type=float,
+                       help="minilm heads words and gru: the share of known words trained as "
+                            "if outside the vocabulary, read through MiniLM alone (default 0.5)")
     model.add_argument("--embed-dim", type=int, help="joint embedding size (default 1024)")
     model.add_argument("--word-dim", type=int, help="word embedding size (default 300)")
     model.add_argument("--pooled-weight", type=float,
@@ -151,7 +156,7 @@ def _train_options(args: argparse.Namespace):
     values = dict(PRESETS[args.preset]) if args.preset else {}
     for name in ("collection", "features", "grain", "supervision", "out", "direction", "agg",
                  "bidirectional", "lambda_softmax", "lambda_lse", "margin", "max_violation", "warmup_epochs",
-                 "embed_dim", "word_dim", "text_encoder", "minilm_head", "pooled_weight", "xattn_weight", "negatives", "epochs", "lr", "lr_update",
+                 "embed_dim", "word_dim", "text_encoder", "minilm_head", "word_dropout", "pooled_weight", "xattn_weight", "negatives", "epochs", "lr", "lr_update",
                  "grad_clip", "batch_size", "seed", "val_split", "device", "resume"):
         value = getattr(args, name)
         if value is not None:
