@@ -673,3 +673,23 @@ def test_pristine_regions_pool_the_untuned_imagenet_map_of_a_real_photograph(tmp
     # The attribute head still reads the fine-tuned map it was trained on.
     np.testing.assert_array_equal(both.attribute_scores(wide), fine_tuned.attribute_scores(wide[:, :32 + 1280]))
     assert SEMANTIC in both._features([to_tensor(image)])[0]
+
+
+def test_training_with_the_pristine_map_keeps_it_untuned_and_an_init_never_leaves_it_random(tmp_path):
+    collection = make_collection(tmp_path / "tiny", n=4)
+    imagenet = load_imagenet_weights()["features.18.0.weight"]
+    options = TrainOptions(minutes=5, epochs=1, batch_size=2, workers=0, warmup_steps=1, learning_rate=2e-3)
+    first = tmp_path / "pristine.pt"
+    train_detector(collection, first, config=DetectorConfig(**PRETRAINED, semantic_backbone="pristine"),
+                   options=options, progress=False)
+    saved = load_checkpoint(first, kind="detector")
+    assert saved.config["semantic_backbone"] == "pristine"
+    torch.testing.assert_close(saved.state_dict["backbone.pristine.18.0.weight"], imagenet)  # frozen
+    assert not torch.equal(saved.state_dict["backbone.body.18.0.weight"], imagenet)  # fine-tuned
+    # Starting a "both" run from a detector without the untuned net loads it from the file.
+    plain = tmp_path / "plain.pt"
+    fine_tuned_checkpoint(plain)
+    second = tmp_path / "both.pt"
+    config = DetectorConfig.from_dict({**load_checkpoint(plain).config, "semantic_backbone": "both"})
+    train_detector(collection, second, config=config, options=options, init=plain, progress=False)
+    torch.testing.assert_close(load_checkpoint(second).state_dict["backbone.pristine.18.0.weight"], imagenet)
