@@ -10,7 +10,9 @@ annotation box and the whole image are described the same way.
 Backbones: our own ``compact_fpn`` (default; small enough to train from scratch on a CPU),
 ``mobilenet_v2_fpn`` (ImageNet-pretrained MobileNetV2 features with an FPN at strides 8/16/32,
 fine-tuned; its region feature is the box head's output *beside* the box's average-pooled
-ImageNet features, so region 0, the whole image, is the ImageNet embedding itself), and
+ImageNet features, so region 0, the whole image, is the ImageNet embedding itself; with
+``semantic_backbone`` "pristine" those features come from an untuned copy of the ImageNet net
+that the checkpoint carries, or from both nets with "both"), and
 torchvision's ``resnet50_fpn_v2``, ``mobilenet_v3_large_fpn`` and
 ``mobilenet_v3_large_320_fpn``, built with ``weights=None`` so their state dicts are in
 torchvision's format (official COCO weights downloaded elsewhere load into them). Nothing is
