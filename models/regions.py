@@ -10,7 +10,9 @@ annotation box and the whole image are described the same way.
 Backbones: our own ``compact_fpn`` (default; small enough to train from scratch on a CPU),
 ``mobilenet_v2_fpn`` (ImageNet-pretrained MobileNetV2 features with an FPN at strides 8/16/32,
 fine-tuned; its region feature is the box head's output *beside* the box's average-pooled
-ImageNet features, so region 0, the whole image, is the ImageNet embedding itself), and
+ImageNet features, so region 0, the whole image, is the ImageNet embedding itself; with
+``semantic_backbone`` "pristine" those features come from an untuned copy of the ImageNet net
+that the checkpoint carries, or from both nets with "both"), and
 torchvision's ``resnet50_fpn_v2``, ``mobilenet_v3_large_fpn`` and
 ``mobilenet_v3_large_320_fpn``, built with ``weights=None`` so their state dicts are in
 torchvision's format (official COCO weights downloaded elsewhere load into them). Nothing is
@@ -50,6 +52,10 @@ TORCHVISION_BACKBONES = {
     "mobilenet_v3_large_320_fpn": torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn,
 }
 PRETRAINED_BACKBONES = ("mobilenet_v2_fpn",)
+# Which ImageNet map a pretrained backbone's region feature pools beside the box head's output:
+# the fine-tuned backbone's own ("finetuned"), an untuned copy of the ImageNet net whose weights
+# the checkpoint carries ("pristine"), or both side by side, fine-tuned first ("both").
+SEMANTIC_BACKBONES = ("finetuned", "pristine", "both")
 BACKBONES = ("compact_fpn", *PRETRAINED_BACKBONES, *TORCHVISION_BACKBONES)
 CHECKPOINT_KIND = "detector"
 FILL_NMS = 0.7  # IoU of the looser NMS that min_k is topped up from (the RPN's own threshold)
@@ -81,6 +87,10 @@ class DetectorConfig:
     anchor_sizes: list[list[int]] = field(default_factory=lambda: [[16, 24], [32, 48], [64, 128]])
     aspect_ratios: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0])
     box_batch_size_per_image: int = 128
+    # mobilenet_v2_fpn only: the ImageNet map of the region feature (SEMANTIC_BACKBONES above).
+    # Fine-tuning on icons wears down what the ImageNet map knew about photographs; "pristine"
+    # keeps the detector's boxes and box head but pools the untuned net's map.
+    semantic_backbone: str = "finetuned"
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -93,6 +103,12 @@ class DetectorConfig:
             raise ValueError(f"need 0 <= min_k <= top_k, got min_k={self.min_k}, top_k={self.top_k}")
         if self.image_size < 32:
             raise ValueError(f"image_size must be at least 32 px, got {self.image_size}")
+        if self.semantic_backbone not in SEMANTIC_BACKBONES:
+            raise ValueError(f"unknown semantic_backbone {self.semantic_backbone!r}; choose one of "
+                             f"{', '.join(SEMANTIC_BACKBONES)}")
+        if self.semantic_backbone != "finetuned" and self.backbone not in PRETRAINED_BACKBONES:
+            raise ValueError(f"semantic_backbone {self.semantic_backbone!r} needs a pretrained backbone "
+                             f"({', '.join(PRETRAINED_BACKBONES)}), not {self.backbone}")
 
     @property
     def num_classes(self) -> int:
@@ -195,14 +211,19 @@ class MobileNetV2FPNBackbone(nn.Module):
     BatchNorm statistics) with an FPN on strides 8/16/32, plus the stride-32 1280-d ImageNet
     map as level ``SEMANTIC``, which the RPN and box head do not see (see
     :class:`RegionRoIHeads`). The stem and the stride-4 blocks stay frozen: generic edges,
-    and the costliest layers to back-propagate through at full resolution."""
+    and the costliest layers to back-propagate through at full resolution.
+
+    With ``semantic`` "pristine" or "both", a second, never-trained copy of the ImageNet
+    MobileNetV2 (``pristine``, frozen; its weights live in the checkpoint like every other
+    tensor) reads the same input, and ``SEMANTIC`` is its map instead of, or after, the
+    fine-tuned one."""
 
     taps = (6, 13, 18)  # last block at stride 8 (32 ch), 16 (96 ch), 32 (1280 ch, ImageNet head)
     channels = (32, 96, 1280)
     frozen_blocks = 4
     pretrained_prefix = "body."
 
-    def __init__(self, fpn_channels: int) -> None:
+    def __init__(self, fpn_channels: int, semantic: str = "finetuned") -> None:
         super().__init__()
         from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -211,25 +232,42 @@ class MobileNetV2FPNBackbone(nn.Module):
             block.requires_grad_(False)
         self.fpn = FeaturePyramidNetwork(list(self.channels), fpn_channels)
         self.out_channels = fpn_channels
+        self.semantic = semantic
+        self.pristine = None
+        if semantic != "finetuned":
+            self.pristine = torchvision.models.mobilenet_v2(weights=None, norm_layer=FrozenBatchNorm2d).features
+            self.pristine.requires_grad_(False)
+        # channels of SEMANTIC: 1280, or 2560 with both maps
+        self.semantic_channels = self.channels[-1] * (2 if semantic == "both" else 1)
 
-    def load_imagenet(self, state: dict[str, Tensor]) -> None:
-        """Load the ImageNet ``features.*`` tensors; every one of them must fit."""
+    def load_imagenet(self, state: dict[str, Tensor], *, pristine_only: bool = False) -> None:
+        """Load the ImageNet ``features.*`` tensors (into the untuned copy alone with
+        ``pristine_only``); every one of them must fit."""
         own = self.body.state_dict()
         wanted = {k.removeprefix("features."): v for k, v in state.items()
                   if k.startswith("features.") and not k.endswith("num_batches_tracked")}
         if set(wanted) != set(own) or any(own[k].shape != v.shape for k, v in wanted.items()):
             raise PretrainedWeightsError("the ImageNet file's features.* do not fit MobileNetV2")
-        self.body.load_state_dict(wanted)
+        if not pristine_only:
+            self.body.load_state_dict(wanted)
+        if self.pristine is not None:
+            self.pristine.load_state_dict(wanted)
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
-        # x: (b, 3, H, W) -> "0", "1", "2": (b, C, H/8, W/8), (H/16), (H/32); SEMANTIC (b, 1280, H/32)
+        # x: (b, 3, H, W) -> "0", "1", "2": (b, C, H/8, W/8), (H/16), (H/32); SEMANTIC
+        # (b, semantic_channels, H/32)
+        image = x
         taps = OrderedDict()
         for number, block in enumerate(self.body):
             x = block(x)
             if number in self.taps:
                 taps[str(self.taps.index(number))] = x
         levels = self.fpn(taps)
-        levels[SEMANTIC] = taps["2"]
+        if self.pristine is None:
+            levels[SEMANTIC] = taps["2"]
+        else:
+            pristine = self.pristine(image)
+            levels[SEMANTIC] = pristine if self.semantic == "pristine" else torch.cat([taps["2"], pristine], 1)
         return levels
 
 
@@ -249,10 +287,13 @@ class RegionRoIHeads(RoIHeads):
     - With ``semantic_channels``: the region feature is the box head's output beside the
       box's average of the backbone's ImageNet map (feature key ``SEMANTIC``), so fine-tuning
       for boxes cannot throw away what the pretrained features knew.
+    - The attribute head reads the region feature's first ``attribute_channels`` columns
+      beyond the box head's (default: all of them): with two ImageNet maps side by side, the
+      one it was trained on.
     """
 
     def __init__(self, heads: RoIHeads, num_attributes: int, representation_size: int,
-                 semantic_channels: int = 0) -> None:
+                 semantic_channels: int = 0, attribute_channels: int | None = None) -> None:
         super().__init__(
             heads.box_roi_pool, heads.box_head, heads.box_predictor,
             heads.proposal_matcher.high_threshold, heads.proposal_matcher.low_threshold,
@@ -263,7 +304,9 @@ class RegionRoIHeads(RoIHeads):
         # sampling_ratio 0: adaptive, every map cell under the box counts, small box or whole image
         self.semantic_pool = (MultiScaleRoIAlign([SEMANTIC], output_size=2, sampling_ratio=0)
                               if semantic_channels else None)
-        self.attribute_predictor = nn.Linear(self.region_dim, num_attributes) if num_attributes else None
+        attribute_dim = representation_size + (semantic_channels if attribute_channels is None
+                                                else attribute_channels)
+        self.attribute_predictor = nn.Linear(attribute_dim, num_attributes) if num_attributes else None
         if self.attribute_predictor is not None:
             nn.init.normal_(self.attribute_predictor.weight, std=0.01)
             nn.init.constant_(self.attribute_predictor.bias, math.log(ATTRIBUTE_PRIOR / (1 - ATTRIBUTE_PRIOR)))
@@ -288,7 +331,7 @@ class RegionRoIHeads(RoIHeads):
         foreground = torch.cat(labels) > 0  # (R,) RoIs matched to a ground-truth box
         wanted = torch.cat([t["attributes"][index] for t, index in zip(targets, matched, strict=True)])
         regions = self.regions(features, box_features, proposals, image_shapes)
-        logits = self.attribute_predictor(regions[foreground])  # (F, A)
+        logits = self.attribute_predictor(regions[foreground, :self.attribute_predictor.in_features])  # (F, A)
         loss_attributes = F.binary_cross_entropy_with_logits(
             logits, wanted[foreground].to(logits.dtype), reduction="sum") / foreground.sum().clamp_min(1)
         return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg,
@@ -308,10 +351,14 @@ def build_detector(config: DetectorConfig, *, pretrained: bool = False) -> Faste
     is not empty. Randomly initialised, except that ``pretrained`` loads the ImageNet weights
     of a pretrained backbone (for training; a trained checkpoint then holds every weight)."""
     model = _build_faster_rcnn(config)
-    semantic = model.backbone.channels[-1] if config.backbone in PRETRAINED_BACKBONES else 0
+    pretrained_backbone = config.backbone in PRETRAINED_BACKBONES
+    semantic = model.backbone.semantic_channels if pretrained_backbone else 0
     if config.attribute_names or semantic:
         size = int(model.roi_heads.box_predictor.cls_score.in_features)
-        model.roi_heads = RegionRoIHeads(model.roi_heads, len(config.attribute_names), size, semantic)
+        # the attribute head reads one ImageNet map, the first (the fine-tuned one with "both")
+        attribute_channels = model.backbone.channels[-1] if pretrained_backbone else 0
+        model.roi_heads = RegionRoIHeads(model.roi_heads, len(config.attribute_names), size, semantic,
+                                         attribute_channels)
     if pretrained:
         if config.backbone not in PRETRAINED_BACKBONES:
             raise ValueError(f"{config.backbone} has no pretrained weights here; "
@@ -338,8 +385,8 @@ def _build_faster_rcnn(config: DetectorConfig) -> FasterRCNN:
         return TORCHVISION_BACKBONES[config.backbone](
             weights=None, weights_backbone=None, num_classes=config.num_classes + 1, **common
         )
-    backbone = (CompactFPNBackbone if config.backbone == "compact_fpn" else MobileNetV2FPNBackbone)(
-        config.fpn_channels)
+    backbone = (CompactFPNBackbone(config.fpn_channels) if config.backbone == "compact_fpn"
+                else MobileNetV2FPNBackbone(config.fpn_channels, config.semantic_backbone))
     sizes = tuple(tuple(level) for level in config.anchor_sizes)
     if len(sizes) != 3 or len({len(level) for level in sizes}) != 1:
         raise ValueError(f"{config.backbone} needs anchor_sizes for 3 levels, the same count on each")
@@ -364,6 +411,35 @@ def _build_faster_rcnn(config: DetectorConfig) -> FasterRCNN:
             rpn.fg_bg_sampler.positive_fraction, rpn._pre_nms_top_n, rpn._post_nms_top_n,
             rpn.nms_thresh, rpn.score_thresh)
     return model
+
+
+def add_semantic_backbone(path: str | Path, out: str | Path, semantic: str = "pristine") -> dict[str, Any]:
+    """Write to ``out`` the ``mobilenet_v2_fpn`` detector checkpoint ``path`` with
+    ``semantic_backbone`` set to ``semantic``: every tensor of ``path`` as it was, plus the
+    untuned ImageNet MobileNetV2 (the weights package's file, sha256-checked) as
+    ``backbone.pristine.*`` in the dtype of ``path``'s weights (float16 for a float16 file,
+    about 4.5 MB). The boxes stay the same; the region features' ImageNet half changes. The
+    new checkpoint loads without the weights package. Returns its config."""
+    from models.checkpoint import save_checkpoint
+
+    checkpoint = load_checkpoint(path, kind=CHECKPOINT_KIND)
+    config = DetectorConfig.from_dict({**checkpoint.config, "semantic_backbone": semantic})
+    if config.backbone not in PRETRAINED_BACKBONES:
+        raise ValueError(f"{path}: a {config.backbone} detector has no ImageNet map to replace")
+    if checkpoint.config.get("semantic_backbone", "finetuned") != "finetuned":
+        raise ValueError(f"{path}: already has semantic_backbone "
+                         f"{checkpoint.config['semantic_backbone']!r}")
+    model = build_detector(config)
+    model.backbone.load_imagenet(load_imagenet_weights(), pristine_only=True)
+    dtype = checkpoint.state_dict["backbone.body.0.0.weight"].dtype
+    state = dict(checkpoint.state_dict)
+    for name, tensor in model.backbone.pristine.state_dict().items():
+        state[f"backbone.pristine.{name}"] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    _load_state(build_detector(config), state, path, config.backbone)  # it must load back
+    record = {**(checkpoint.record or {}), "semantic_backbone_from": checkpoint.sha256}
+    save_checkpoint(out, kind=CHECKPOINT_KIND, config=config.to_dict(), state_dict=state,
+                    record=record, vocab=checkpoint.vocab)
+    return config.to_dict()
 
 
 def resize_for_detection(image: Image.Image, image_size: int) -> tuple[Image.Image, float, float]:

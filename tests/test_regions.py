@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,10 +20,12 @@ from models import regions
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models.regions import (
     IMAGENET_SHA256,
+    SEMANTIC,
     Detections,
     DetectorConfig,
     PretrainedWeightsError,
     RegionExtractor,
+    add_semantic_backbone,
     build_detector,
     imagenet_weights_path,
     load_imagenet_weights,
@@ -244,6 +247,10 @@ def test_config_is_validated():
         DetectorConfig(min_k=40, top_k=36)
     with pytest.raises(ValueError, match="unknown detector config fields: colour"):
         DetectorConfig.from_dict({"colour": 1})
+    with pytest.raises(ValueError, match="unknown semantic_backbone 'frozen'.*finetuned, pristine, both"):
+        DetectorConfig(backbone="mobilenet_v2_fpn", semantic_backbone="frozen")
+    with pytest.raises(ValueError, match="semantic_backbone 'pristine' needs a pretrained backbone.*not compact_fpn"):
+        DetectorConfig(semantic_backbone="pristine")
 
 
 # -- average precision --------------------------------------------------------------------
@@ -572,3 +579,117 @@ def test_pretrained_backbone_fine_tunes_and_its_checkpoint_needs_no_imagenet_fil
     assert extractor.feature_dim == record.features.shape[1] == 32 + 1280
     whole, annotated = record.features[0], record.features[record.kinds == 2]
     assert len(annotated) == len(annotations) and not np.allclose(whole[32:], annotated[0, 32:])
+
+
+# -- the pristine ImageNet map beside a fine-tuned detector --------------------------------
+
+REAL_IMAGE = Path(__file__).resolve().parents[1] / "demo" / "real" / "images" / "MET_546311.jpg"  # a canopic jar
+
+
+def fine_tuned_checkpoint(path: Path, **overrides) -> DetectorConfig:
+    """A mobilenet_v2_fpn detector checkpoint as training leaves one: ImageNet start, every
+    trainable backbone weight moved (here by noise), float16 like demo/real/detector.pt."""
+    torch.manual_seed(0)
+    config = DetectorConfig(**{**PRETRAINED, "image_size": 224, "attribute_names": ["jar", "statue"], **overrides})
+    model = build_detector(config, pretrained=True)
+    with torch.no_grad():
+        for parameter in model.backbone.body.parameters():
+            if parameter.requires_grad:
+                parameter.mul_(1 + 0.3 * torch.randn_like(parameter))
+    save_checkpoint(path, kind="detector", config=config.to_dict(), record={"val_map50": 0.2},
+                    state_dict={k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()})
+    return config
+
+
+def untuned_mobilenet_map(image: Image.Image, image_size: int) -> torch.Tensor:
+    """(1, 1280, h, w): torchvision's own ImageNet MobileNetV2, loaded from the weights file, on
+    the image as the detector sees it (resized, ImageNet-normalised)."""
+    net = torchvision.models.mobilenet_v2(weights=None)
+    net.load_state_dict(load_imagenet_weights())
+    resized = to_tensor(resize_for_detection(image, image_size)[0])
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    with torch.inference_mode():
+        return net.eval().features(((resized - mean[:, None, None]) / std[:, None, None])[None])
+
+
+def test_pristine_semantic_backbone_is_added_to_a_checkpoint_and_round_trips(tmp_path, monkeypatch):
+    old = tmp_path / "fine-tuned.pt"
+    config = fine_tuned_checkpoint(old)
+    assert config.semantic_backbone == "finetuned" and "backbone.pristine.0.0.weight" not in load_checkpoint(old).state_dict
+    new = tmp_path / "pristine.pt"
+    assert add_semantic_backbone(old, new, "pristine")["semantic_backbone"] == "pristine"
+    before, after = load_checkpoint(old).state_dict, load_checkpoint(new).state_dict
+    for name, tensor in before.items():  # every old weight is kept bit for bit
+        assert torch.equal(after[name], tensor) and after[name].dtype == tensor.dtype, name
+    added = sorted(set(after) - set(before))
+    assert added and all(name.startswith("backbone.pristine.") for name in added)
+    imagenet = load_imagenet_weights()
+    torch.testing.assert_close(after["backbone.pristine.17.conv.0.0.weight"],
+                               imagenet["features.17.conv.0.0.weight"].half())
+    with pytest.raises(ValueError, match="already has semantic_backbone 'pristine'"):
+        add_semantic_backbone(new, tmp_path / "again.pt")
+
+    monkeypatch.setattr(regions, "IMAGENET_FILE", "weights/gone.pth")  # the service has no such file
+    extractor, previous = RegionExtractor.from_checkpoint(new), RegionExtractor.from_checkpoint(old)
+    assert extractor.config == DetectorConfig.from_dict({**config.to_dict(), "semantic_backbone": "pristine"})
+    image = Image.open(REAL_IMAGE).convert("RGB")
+    record, reference = extractor.extract([image])[0], previous.extract([image])[0]
+    # The same boxes and box-head half; only the ImageNet half differs.
+    np.testing.assert_array_equal(record.boxes, reference.boxes)
+    np.testing.assert_array_equal(record.features[:, :32], reference.features[:, :32])
+    assert extractor.feature_dim == record.features.shape[1] == 32 + 1280
+    assert not np.allclose(record.features[:, 32:], reference.features[:, 32:], atol=0.05)
+
+
+def test_pristine_regions_pool_the_untuned_imagenet_map_of_a_real_photograph(tmp_path):
+    old = tmp_path / "fine-tuned.pt"
+    fine_tuned_checkpoint(old)
+    add_semantic_backbone(old, tmp_path / "pristine.pt", "pristine")
+    add_semantic_backbone(old, tmp_path / "both.pt", "both")
+    image = Image.open(REAL_IMAGE).convert("RGB")  # 224 x 224: the map is 7 x 7, no padding
+    untuned = untuned_mobilenet_map(image, 224)  # (1, 1280, 7, 7)
+    pristine = RegionExtractor.from_checkpoint(tmp_path / "pristine.pt")
+    record = pristine.extract([image], extra_boxes=[np.array([[20.0, 30.0, 150.0, 200.0]])])[0]
+    boxes = torch.from_numpy(record.boxes)
+    expected = torchvision.ops.roi_align(untuned, [boxes], output_size=2, spatial_scale=1 / 32,
+                                         sampling_ratio=0).mean(dim=(2, 3))  # (n, 1280)
+    # float16 weights in the checkpoint: equal up to their rounding
+    np.testing.assert_allclose(record.features[:, 32:], expected.numpy(), rtol=0.02, atol=0.02)
+    whole, average = record.features[0, 32:], untuned.mean(dim=(2, 3))[0].numpy()
+    assert np.dot(whole, average) / np.linalg.norm(whole) / np.linalg.norm(average) > 0.99
+    # The untuned net's ImageNet classifier reads region 0 much as it reads the whole image.
+    classifier = torchvision.models.mobilenet_v2(weights=None)
+    classifier.load_state_dict(load_imagenet_weights())
+    with torch.inference_mode():
+        logits = classifier.classifier(torch.from_numpy(np.stack([whole, average])))
+    assert logits[1].argmax() in logits[0].topk(5).indices
+
+    both = RegionExtractor.from_checkpoint(tmp_path / "both.pt")
+    fine_tuned = RegionExtractor.from_checkpoint(old)
+    wide = both.extract([image])[0].features
+    assert both.feature_dim == wide.shape[1] == 32 + 1280 + 1280
+    np.testing.assert_array_equal(wide[:, :32 + 1280], fine_tuned.extract([image])[0].features)
+    np.testing.assert_array_equal(wide[:, 32 + 1280:], pristine.extract([image])[0].features[:, 32:])
+    # The attribute head still reads the fine-tuned map it was trained on.
+    np.testing.assert_array_equal(both.attribute_scores(wide), fine_tuned.attribute_scores(wide[:, :32 + 1280]))
+    assert SEMANTIC in both._features([to_tensor(image)])[0]
+
+
+def test_training_with_the_pristine_map_keeps_it_untuned_and_an_init_never_leaves_it_random(tmp_path):
+    collection = make_collection(tmp_path / "tiny", n=4)
+    imagenet = load_imagenet_weights()["features.18.0.weight"]
+    options = TrainOptions(minutes=5, epochs=1, batch_size=2, workers=0, warmup_steps=1, learning_rate=2e-3)
+    first = tmp_path / "pristine.pt"
+    train_detector(collection, first, config=DetectorConfig(**PRETRAINED, semantic_backbone="pristine"),
+                   options=options, progress=False)
+    saved = load_checkpoint(first, kind="detector")
+    assert saved.config["semantic_backbone"] == "pristine"
+    torch.testing.assert_close(saved.state_dict["backbone.pristine.18.0.weight"], imagenet)  # frozen
+    assert not torch.equal(saved.state_dict["backbone.body.18.0.weight"], imagenet)  # fine-tuned
+    # Starting a "both" run from a detector without the untuned net loads it from the file.
+    plain = tmp_path / "plain.pt"
+    fine_tuned_checkpoint(plain)
+    second = tmp_path / "both.pt"
+    config = DetectorConfig.from_dict({**load_checkpoint(plain).config, "semantic_backbone": "both"})
+    train_detector(collection, second, config=config, options=options, init=plain, progress=False)
+    torch.testing.assert_close(load_checkpoint(second).state_dict["backbone.pristine.18.0.weight"], imagenet)

@@ -39,6 +39,7 @@ from models.regions import (
     DetectorConfig,
     RegionExtractor,
     build_detector,
+    load_imagenet_weights,
     resize_for_detection,
     to_tensor,
 )
@@ -334,6 +335,8 @@ def train_detector(
             raise ValueError(f"{init}: no weights fit a {config.backbone} detector of this configuration")
         model.load_state_dict(fitting, strict=False)
         fresh = sorted(set(own) - set(fitting))
+        if any(name.startswith("backbone.pristine.") for name in fresh):  # never a random "pristine" net
+            model.backbone.load_imagenet(load_imagenet_weights(), pristine_only=True)
         record["init"] = start.sha256
         log.info("starting from %s: %d tensors loaded, %d new (%s)", init, len(fitting), len(fresh),
                  ", ".join(fresh[:4]) + (" ..." if len(fresh) > 4 else ""))

@@ -67,6 +67,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--attribute-min-boxes", type=int, default=5,
                        help="with --attributes: a word names an attribute when at least this many "
                             "train boxes have it in their phrase (default %(default)s)")
+    train.add_argument("--semantic-backbone", choices=("finetuned", "pristine", "both"), default="finetuned",
+                       help="mobilenet_v2_fpn: which ImageNet map each region feature pools beside the "
+                            "box head's output: the fine-tuned backbone's (default), an untuned copy of "
+                            "the ImageNet net kept in the checkpoint (pristine), or both side by side")
     train.add_argument("--init", type=Path,
                        help="start from this detector checkpoint's weights (a new run; its backbone "
                             "and sizes win over the options above, new heads start at random)")
@@ -150,7 +154,7 @@ def run_train_detector(args: argparse.Namespace) -> int:
             {**start.config, "class_names": class_names, "attribute_names": attribute_names})
     else:
         config = DetectorConfig(backbone=args.backbone, image_size=args.image_size, class_names=class_names,
-                                attribute_names=attribute_names,
+                                attribute_names=attribute_names, semantic_backbone=args.semantic_backbone,
                                 **({"anchor_sizes": args.anchor_sizes} if args.anchor_sizes else {}))
     options = TrainOptions(
         minutes=args.minutes, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
