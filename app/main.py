@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -171,9 +172,10 @@ def _snapshot_indexes(runtime: Runtime, stop: threading.Event) -> None:
         count, age = indexes.unsaved()
         if count >= settings.index_snapshot_changes or (count and age >= settings.index_snapshot_seconds):
             try:
-                indexes.save_snapshot()
+                if indexes.save_snapshot():
+                    _prune_log(runtime)
             except Exception:  # a full disk, say: the log still holds every change; try again
-                log.warning("saving an index snapshot failed; retrying in %.0f s",
+                log.warning("saving an index snapshot or pruning the log failed; retrying in %.0f s",
                             settings.index_snapshot_seconds, exc_info=True)
                 stop.wait(settings.index_snapshot_seconds)
     try:
@@ -181,6 +183,26 @@ def _snapshot_indexes(runtime: Runtime, stop: threading.Event) -> None:
     except Exception:
         log.warning("the index snapshot at shutdown failed; the next start replays the log "
                     "from the last one", exc_info=True)
+
+
+def _prune_log(runtime: Runtime) -> None:
+    """Delete the log's changes more than ``index_log_keep`` behind the newest snapshot: a
+    start replays the log from a snapshot, so only an index further behind needs them, and
+    it rebuilds instead (Indexes.catch_up)."""
+    from app.services import changes
+
+    keep = runtime.settings.index_log_keep
+    before = runtime.engine.indexes.saved_position - keep
+    if not keep or before <= 0:
+        return
+    with runtime.sessions() as session:
+        if before <= changes.pruned_through(session):
+            return
+        started = time.perf_counter()
+        deleted = changes.prune(session, before)
+    log.info("pruned the index change log through position %d (%d rows deleted in %.2f s; "
+             "the newest snapshot is at %d)", before, deleted, time.perf_counter() - started,
+             before + keep)
 
 
 def _raise_file_limit() -> None:

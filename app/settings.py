@@ -117,6 +117,12 @@ class Settings(BaseSettings):
         1000, ge=1, description="save a snapshot as soon as this many changes are not in one "
         "(bounds the replay at the next start)"
     )
+    index_log_keep: int = Field(
+        100_000, ge=0, description="changes of the log kept behind the newest snapshot: after "
+        "each snapshot the service deletes older ones, so the log stops growing; a process "
+        "whose indexes are further behind than that (a replica stopped for long, an old "
+        "snapshot) rebuilds them from the database instead of replaying; 0 never prunes"
+    )
 
     @field_validator("database_url")
     @classmethod

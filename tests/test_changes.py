@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
-from app.db.models import Fragment, IndexChangeRow, Phrase
+from app.db.models import Fragment, IndexBuild, IndexChangeRow, Phrase
 from app.db.session import create_db_engine, session_factory
 from app.services import changes
 from app.services.indexes import Indexes
@@ -175,3 +175,97 @@ def test_log_rows_commit_in_id_order_on_postgresql(pg_url):
                              .order_by(IndexChangeRow.id)).all()
         assert [r.added_fragments for r in rows] == [[1], [2]]
     database.dispose()
+
+
+def test_prune_deletes_only_the_rows_up_to_before_and_records_the_horizon(sessions):
+    with sessions() as session:
+        assert changes.pruned_through(session) == 0
+        for number in range(5):
+            changes.record_change(session, changes.IndexChange(added_fragments=[number]))
+            session.commit()
+        ids = session.scalars(select(IndexChangeRow.id).order_by(IndexChangeRow.id)).all()
+        assert changes.prune(session, ids[2]) == 3
+        assert session.scalars(select(IndexChangeRow.id).order_by(IndexChangeRow.id)).all() == ids[3:]
+        assert changes.pruned_through(session) == ids[2]
+        assert changes.prune(session, ids[1]) == 0  # the horizon never goes down
+        assert changes.pruned_through(session) == ids[2]
+        # A gap in the ids (a rolled-back transaction) is no pruning; a read past the horizon is.
+        entries = changes.read_changes(session, ids[3], 10)  # as if row ids[3] had rolled back
+        assert changes.pruned_past(session, ids[2], entries) == 0
+        assert changes.pruned_past(session, ids[0], entries) == ids[2]
+        assert changes.pruned_past(session, ids[-1], []) == 0
+
+
+def index_builds(session) -> int:
+    count = session.scalar(select(func.count()).select_from(IndexBuild))
+    session.rollback()
+    return count
+
+
+def test_an_index_behind_the_pruned_horizon_rebuilds_and_one_ahead_catches_up(
+        sessions, tiny_checkpoints, tiny_extractor, tmp_path, caplog):
+    writer = make_indexes(tiny_checkpoints, tiny_extractor, tmp_path)
+    behind = make_indexes(tiny_checkpoints, tiny_extractor, tmp_path, snapshots=False)
+    ahead = make_indexes(tiny_checkpoints, tiny_extractor, tmp_path, snapshots=False)
+    with sessions() as session, sessions() as other:
+        writer.start(session)
+        behind.start(other)
+        ahead.start(other)
+        for number in range(2):
+            ingest(session, writer, tiny_extractor, tmp_path, f"p-{number}", 30 + number,
+                   f"A carved lion number {number}.")
+        assert ahead.catch_up(other) == 2
+        horizon = ahead.position
+        ingest(session, writer, tiny_extractor, tmp_path, "p-2", 32, "A gilded mask.")
+        delete_artwork(session, external_id="p-0", indexes=writer)
+        assert changes.prune(session, horizon) == 2
+        builds = index_builds(session)
+
+        assert ahead.catch_up(other) == 2  # nothing it needs was pruned: a plain replay
+        assert_agree(other, ahead)
+        assert index_builds(other) == builds
+        assert "pruned" not in caplog.text
+
+        assert behind.catch_up(other) == 0  # what it missed is gone: it rebuilds
+        assert f"at log position 0 but the log was pruned through {horizon}" in caplog.text
+        assert index_builds(other) == builds + 1
+        assert_agree(other, behind)
+        assert behind.position == writer.position
+        assert behind.catch_up(other) == 0 and index_builds(other) == builds + 1
+
+        # Every row pruned: a start from the old snapshot (position 0) rebuilds once, and
+        # then stands at the horizon though no row is left.
+        assert changes.prune(session, writer.position) == 2
+        late = make_indexes(tiny_checkpoints, tiny_extractor, tmp_path, snapshots=False)
+        late.start(other)
+        assert late.position == writer.position
+        assert_agree(other, late)
+        assert late.catch_up(other) == 0 and index_builds(other) == builds + 2
+
+
+def test_the_service_prunes_the_log_behind_its_snapshots(db_url, tiny_checkpoints, tmp_path):
+    """With ``index_log_keep`` 1, a snapshot at position p deletes the rows up to p - 1."""
+    import time
+
+    database = create_db_engine(db_url)
+    sessions = session_factory(database)
+    client = start(make_settings(db_url, tmp_path, tiny_checkpoints.scan, tiny_checkpoints.detector,
+                                 index_snapshot_seconds=3600, index_snapshot_changes=2,
+                                 index_log_keep=1, index_sync_seconds=0))
+    try:
+        for number in range(3):
+            response = client.post("/artworks", headers=WRITE,
+                                   **artwork_form(f"pruned-{number}", seed=90 + number))
+            assert response.status_code == 201, response.text
+        deadline = time.monotonic() + 30
+        with sessions() as session:
+            while not (horizon := changes.pruned_through(session)) and time.monotonic() < deadline:
+                session.rollback()
+                time.sleep(0.1)
+            ids = session.scalars(select(IndexChangeRow.id).order_by(IndexChangeRow.id)).all()
+        assert horizon >= 1  # the snapshot after two uploads (or three) is at horizon + 1
+        assert ids == list(range(horizon + 1, 4))
+        assert client.get("/readyz").json()["index"]["position"] == 3
+    finally:
+        client.__exit__(None, None, None)
+        database.dispose()

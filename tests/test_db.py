@@ -13,7 +13,7 @@ from app.db.models import Artwork, ArtworkPhrase, Caption, Fragment, Phrase, Reg
 from app.db.session import create_db_engine, current_revision, database_url, downgrade, upgrade
 
 TABLES = {"artworks", "captions", "phrases", "artwork_phrases", "regions", "fragments",
-          "annotations", "index_builds", "api_keys", "index_changes"}
+          "annotations", "index_builds", "api_keys", "index_changes", "index_log_horizon"}
 
 
 def new_artwork(external_id: str = "a-1") -> Artwork:
@@ -27,7 +27,7 @@ def new_artwork(external_id: str = "a-1") -> Artwork:
 def test_migrations_match_the_models_and_go_down_and_up(db_url):
     engine = create_db_engine(db_url)
     assert TABLES <= set(inspect(engine).get_table_names())
-    assert current_revision(engine) == "0002"
+    assert current_revision(engine) == "0003"
     with engine.connect() as connection:
         # The migration builds exactly the schema the models describe (no drift).
         context = MigrationContext.configure(connection, opts={"compare_type": True})
@@ -103,7 +103,7 @@ def test_db_commands(tmp_path, capsys):
     assert "none" in capsys.readouterr().out
     assert main(["db", "upgrade", "--database-url", url]) == 0
     assert main(["db", "current", "--database-url", url]) == 0
-    assert capsys.readouterr().out.strip().endswith("0002")
+    assert capsys.readouterr().out.strip().endswith("0003")
     assert main(["db", "downgrade", "base", "--database-url", url]) == 0
     engine = create_db_engine(url)
     assert not TABLES & set(inspect(engine).get_table_names())

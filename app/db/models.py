@@ -229,6 +229,16 @@ class IndexChangeRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class IndexLogHorizon(Base):
+    """The one row (id 1) saying through which position the change log was pruned: rows
+    with an id at or below ``pruned_through`` are gone (app.services.changes.prune)."""
+
+    __tablename__ = "index_log_horizon"
+
+    id: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    pruned_through: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
 class ApiKey(Base):
     """A key that may write; only its sha256 is stored."""
 

@@ -14,6 +14,11 @@ row with a smaller id to commit after a larger one, the reader would skip it for
 on PostgreSQL a writer takes a transaction-level advisory lock just before inserting its row
 (ids are drawn under it, and it is released only after the commit is visible); SQLite
 already runs one write transaction at a time.
+
+The log is pruned behind the snapshots (:func:`prune`, called by the service after each
+snapshot, keeping ``index_log_keep`` changes): ``index_log_horizon`` records the position
+through which rows were deleted. An index whose position is below that horizon cannot replay
+what it missed; :meth:`~app.services.indexes.Indexes.catch_up` sees it and rebuilds.
 """
 
 from __future__ import annotations
@@ -22,10 +27,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from sqlalchemy import func, select, text
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.orm import Session
 
-from app.db.models import IndexChangeRow
+from app.db.models import IndexChangeRow, IndexLogHorizon
 
 # pg_advisory_xact_lock key of the log's writers (any constant: it names this lock only).
 LOG_LOCK_KEY = 0x61727461  # "arta"
@@ -94,6 +99,34 @@ def record_change(session: Session, change: IndexChange) -> None:
 def latest_position(session: Session) -> int:
     """The position of the newest committed change (0 for an empty log)."""
     return int(session.scalar(select(func.max(IndexChangeRow.id))) or 0)
+
+
+def pruned_through(session: Session) -> int:
+    """The position through which the log's rows were deleted (0: none ever were)."""
+    return int(session.scalar(select(IndexLogHorizon.pruned_through)
+                              .where(IndexLogHorizon.id == 1)) or 0)
+
+
+def pruned_past(session: Session, position: int, entries: Sequence[LogEntry]) -> int:
+    """The horizon when rows past ``position`` were pruned, else 0; ``entries`` are the rows
+    just read past it. Ids have gaps (rolled-back transactions), so a gap proves nothing: the
+    horizon is read (after the rows) only when the first row is not ``position + 1``."""
+    if entries and entries[0].position == position + 1:
+        return 0
+    horizon = pruned_through(session)
+    return horizon if horizon > position else 0
+
+
+def prune(session: Session, before: int) -> int:
+    """Delete the log's rows with an id at or below ``before`` and raise the horizon to
+    ``before`` (it never goes down), in one transaction that this commits; returns how many
+    rows were deleted. An index still below ``before`` rebuilds at its next catch-up."""
+    deleted = session.execute(delete(IndexChangeRow).where(IndexChangeRow.id <= before)).rowcount
+    session.execute(update(IndexLogHorizon).where(IndexLogHorizon.id == 1,
+                                                  IndexLogHorizon.pruned_through < before)
+                    .values(pruned_through=before))
+    session.commit()
+    return int(deleted or 0)
 
 
 def read_changes(session: Session, after: int, limit: int) -> list[LogEntry]:

@@ -78,7 +78,7 @@ class Indexes:
         self._by_name: dict[str, VectorIndex] = {name: VectorIndex(encoder.dim) for name in INDEXES}
         self.position = 0  # the log position both indexes reflect
         self._stamp: str | None = None  # when that change was committed (changes.stamp_of)
-        self._saved_position = 0  # the position of the newest snapshot on disk
+        self.saved_position = 0  # the newest snapshot's position (the log is pruned behind it)
         # batches applied since that snapshot: (last position, first committed at, changes)
         self._unsaved: list[tuple[int, datetime, int]] = []
         self._write_lock = threading.Lock()  # one index writer at a time (updates, rebuilds)
@@ -108,7 +108,7 @@ class Indexes:
             outcome[name] = "rebuilt"
         end_read(session)
         if positions:
-            self.position = self._saved_position = min(positions.values())
+            self.position = self.saved_position = min(positions.values())
             self._stamp = changes.stamp_of(session, self.position)
         stale = [name for name, done in outcome.items() if done == "rebuilt"]
         if stale:
@@ -147,15 +147,14 @@ class Indexes:
     def rebuild(self, session: Session, *, only: Sequence[str] = INDEXES,
                 progress: bool = False) -> None:
         """Encode every fragment and phrase again, build new indexes beside the serving ones,
-        then swap them in and save them. The log position is read before the rows, so the
-        rows reflect at least that position (a later replay of what else they hold is
-        harmless: replays are idempotent)."""
+        then swap them in and save them. The log position (never below the pruned horizon) is
+        read before the rows, which so reflect at least it (replays are idempotent)."""
         with self._write_lock:
             build = IndexBuild(model_version=self.model_version, state="building")
             session.add(build)
             session.commit()
             try:
-                position = changes.latest_position(session)
+                position = max(changes.latest_position(session), changes.pruned_through(session))
                 stamp = changes.stamp_of(session, position)
                 built = {}
                 for name in only:
@@ -171,7 +170,7 @@ class Indexes:
                 if self.snapshots:
                     self._write_snapshot(built, position, stamp)
                     if whole:
-                        self._saved_position = position
+                        self.saved_position = position
             except BaseException:
                 session.rollback()
                 build.state, build.finished_at = "failed", datetime.now(UTC)
@@ -187,10 +186,15 @@ class Indexes:
 
     def catch_up(self, session: Session) -> int:
         """Apply every change the log holds past our position, in order; returns how many.
-        Idempotent, and the same for the writer (after its commit), replicas and a start."""
+        Idempotent, and the same for the writer (after its commit), replicas and a start.
+        Were rows we never applied pruned, the indexes are rebuilt from the database."""
         applied = 0
         with self._write_lock:
-            while entries := changes.read_changes(session, self.position, REPLAY_BATCH):
+            while True:
+                entries = changes.read_changes(session, self.position, REPLAY_BATCH)
+                horizon = changes.pruned_past(session, self.position, entries)
+                if horizon or not entries:
+                    break
                 self._apply(session, changes.coalesce(entries))
                 self.position, self._stamp = entries[-1].position, entries[-1].created_at.isoformat()
                 if self.snapshots:  # a process that never saves keeps no account
@@ -199,6 +203,11 @@ class Indexes:
                 if len(entries) < REPLAY_BATCH:
                     break
         end_read(session)
+        if horizon:
+            log.warning("the indexes are at log position %d but the log was pruned through %d: "
+                        "rebuilding", self.position, horizon)
+            self.store.refresh()  # a replica's store may not know the writer's newer rows
+            self.rebuild(session)
         return applied
 
     def _apply(self, session: Session, change: changes.Coalesced) -> None:
@@ -264,12 +273,12 @@ class Indexes:
         copy, not for the disk."""
         with self._write_lock:
             position, stamp = self.position, self._stamp
-            if position == self._saved_position or not self.snapshots:
+            if position == self.saved_position or not self.snapshots:
                 return False
             copies = {name: index.copy() for name, index in self._by_name.items()}
         self._write_snapshot(copies, position, stamp)
         with self._write_lock:
-            self._saved_position = max(self._saved_position, position)
+            self.saved_position = max(self.saved_position, position)
             self._unsaved = [batch for batch in self._unsaved if batch[0] > position]
         return True
 
