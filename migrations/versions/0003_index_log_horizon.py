@@ -2,7 +2,7 @@
 
 Revision ID: 0003
 Revises: 0002
-Create Date: 2027-01-20
+Create Date: 2026-11-30
 
 One row (id 1). ``pruned_through`` starts at 0 and only rises: rows of ``index_changes``
 with an id at or below it were deleted (app.services.changes.prune), so an index whose
