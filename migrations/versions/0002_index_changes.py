@@ -2,7 +2,7 @@
 
 Revision ID: 0002
 Revises: 0001
-Create Date: 2027-01-10
+Create Date: 2026-11-30
 
 Each ingest, replace, delete or accepted annotation appends a row (the fragment and phrase
 ids it added and removed) in its own transaction; the row's id is its position in the log.
