@@ -80,13 +80,17 @@ def start_service(workdir: Path, *, models: Path, n: int, seed: int, api_key: st
         "ARTALIGN_API_KEYS": json.dumps([api_key]),
         "ARTALIGN_DEVICE": "cpu",
     }
-    log = log_path.open("a")
-    process = subprocess.Popen(
-        [*cli, "serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    log.close()  # the child keeps its own copy of the descriptor
-    service = Service(f"http://127.0.0.1:{port}", api_key, workdir / "collection", process, log_path)
+    return serve(env, port=port, api_key=api_key, collection=workdir / "collection", log_path=log_path)
+
+
+def serve(env: dict[str, str], *, port: int, api_key: str, collection: Path, log_path: Path) -> Service:
+    """`artalign serve` on ``port`` with the environment ``env`` (its settings), its output
+    appended to ``log_path``; returns once /readyz answers ready (stopped if it never does)."""
+    with log_path.open("a") as log:  # the child keeps its own copy of the descriptor
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port),
+             "--log-level", "warning"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    service = Service(f"http://127.0.0.1:{port}", api_key, collection, process, log_path)
     try:
         wait_ready(service)
     except BaseException:

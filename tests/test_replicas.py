@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,7 +24,8 @@ from sqlalchemy import func, select
 
 from app.db.models import Fragment, Phrase
 from app.db.session import create_db_engine, session_factory
-from tests.browser import REPO, Service, free_port, stop_service, wait_ready
+from tests import browser
+from tests.browser import Service, free_port, stop_service
 from tests.conftest import TinyCheckpoints, image_bytes, migrated_pg_database
 from tests.test_api import KEY, WRITE
 
@@ -50,18 +49,7 @@ def serve(url: str, data_dir: Path, checkpoints: TinyCheckpoints, log_path: Path
         "ARTALIGN_LIMITS__TORCH_THREADS": "1", "ARTALIGN_LIMITS__INFERENCE_THREADS": "2",
         **{f"ARTALIGN_{name.upper()}": str(value) for name, value in settings.items()},
     }
-    port = free_port()
-    with log_path.open("a") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port),
-             "--log-level", "warning"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    service = Service(f"http://127.0.0.1:{port}", KEY, data_dir, process, log_path)
-    try:
-        wait_ready(service)
-    except BaseException:
-        stop_service(service)
-        raise
-    return service
+    return browser.serve(env, port=free_port(), api_key=KEY, collection=data_dir, log_path=log_path)
 
 
 class Uploads:
