@@ -151,21 +151,14 @@ def postgres_bytes(server_url: str, rows: int, artworks: int = 2000) -> dict[str
     """Bytes per artwork, per table (indexes included), in a scratch database migrated to head
     and filled with ``artworks`` artworks of 3 captions, ``rows`` regions and ``rows`` fragments."""
     import random
-    import uuid
 
     from sqlalchemy import create_engine, insert, text
 
     from app.db import models
-    from app.db.session import database_url, upgrade
+    from bench.fill import scratch_database
 
-    admin = create_engine(database_url(server_url), isolation_level="AUTOCOMMIT")
-    name = f"artalign_bench_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as connection:
-        connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    url = admin.url.set(database=name).render_as_string(hide_password=False)
     rng = random.Random(0)
-    try:
-        upgrade(url)
+    with scratch_database(server_url, Path(tempfile.gettempdir())) as url:
         engine = create_engine(url, isolation_level="AUTOCOMMIT")
         with engine.connect() as connection:
             connection.execute(insert(models.Artwork), [dict(
@@ -197,10 +190,6 @@ def postgres_bytes(server_url: str, rows: int, artworks: int = 2000) -> dict[str
                 for table in ("artworks", "captions", "regions", "fragments")
             }
         engine.dispose()
-    finally:
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
     return {"artworks": artworks, "rows_per_artwork": rows, "bytes_per_artwork": per_table,
             "total_bytes_per_artwork": sum(per_table.values())}
 
