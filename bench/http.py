@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench.load import EndpointResult, load_requests, new_image
-from bench.report import publish, run_as_main
+from bench.report import publish, require_positive, run_as_main
 
 if TYPE_CHECKING:  # asyncio, httpx and PIL load inside the functions: `artalign --help` imports this module
     import httpx
@@ -164,9 +164,7 @@ def main(options: argparse.Namespace) -> int:
         from bench import uploads
 
         return uploads.main(options)
-    for name in ("clients", "requests", "artworks"):
-        if getattr(options, name) < 1:
-            raise ValueError(f"--{name} must be at least 1")
+    require_positive(options, "clients", "requests", "artworks")
     if options.uploads < 0:
         raise ValueError("--uploads must be 0 or more")
     try:

@@ -34,6 +34,13 @@ def publish(report: dict[str, Any], table_text: str, json_path: Path | None) -> 
         log.info("wrote %s", json_path)
 
 
+def require_positive(options: argparse.Namespace, *names: str) -> None:
+    """ValueError naming the first of the options ``names`` (attribute names) below 1."""
+    for name in names:
+        if getattr(options, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+
+
 def run_as_main(
     prog: str,
     doc: str | None,

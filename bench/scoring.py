@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.report import publish, run_as_main
+from bench.report import publish, require_positive, run_as_main
 
 log = logging.getLogger(__name__)
 
@@ -225,9 +225,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 def main(options: argparse.Namespace) -> int:
     """Run the benchmark, print the table and the JSON; write the JSON if asked."""
-    for name in ("images", "regions", "texts", "dim", "chunk_size", "repeats"):
-        if getattr(options, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    require_positive(options, "images", "regions", "texts", "dim", "chunk_size", "repeats")
     report = run(options)
     publish(report, format_table(report), options.json)
     return 0

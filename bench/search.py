@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench.report import publish, run_as_main
+from bench.report import publish, require_positive, run_as_main
 
 if TYPE_CHECKING:  # numpy and torch load inside the functions: `artalign --help` imports this module
     import numpy as np
@@ -396,9 +396,7 @@ def main(options: argparse.Namespace) -> int:
     if options.truth_candidates < 0 or (options.compare_truth and not options.truth_candidates):
         raise ValueError("--truth-candidates must be 0 (exhaustive) or positive, and positive "
                          "with --compare-truth")
-    for name in ("fragments", "queries", "dim", "concepts", "noise_bank", "threads"):
-        if getattr(options, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    require_positive(options, "fragments", "queries", "dim", "concepts", "noise_bank", "threads")
     if options.max_regions < 2 or min(options.k) < 1 or min(options.nprobe) < 1:
         raise ValueError("--max-regions must be at least 2, every --k and --nprobe at least 1")
     unknown = set(options.kinds) - set(KINDS)

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.report import publish, run_as_main
+from bench.report import publish, require_positive, run_as_main
 
 log = logging.getLogger(__name__)
 
@@ -218,9 +218,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def main(options: argparse.Namespace) -> int:
-    for name in ("repeats", "batch", "pairs", "threads"):
-        if getattr(options, name) < 1:
-            raise ValueError(f"--{name} must be at least 1")
+    require_positive(options, "repeats", "batch", "pairs", "threads")
     report = run(options)
     publish(report, format_table(report), options.json)
     return 0
