@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from pathlib import Path
@@ -521,13 +522,47 @@ def test_train_detector_command_with_one_class_per_phrase(tmp_path, capsys):
     out = tmp_path / "classes.pt"
     argv = ["train-detector", "--collection", str(collection.root), "--out", str(out), "--epochs", "1",
             "--image-size", "64", "--batch-size", "2", "--workers", "0", "--classes"]
-    assert cli_main(argv) == 0
-    assert '"epochs": 1' in capsys.readouterr().out
+    assert cli_main(argv + ["--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert '"epochs": 1' in printed and '"device": "cpu"' in printed
     extractor = RegionExtractor.from_checkpoint(out)
     phrases = {a.phrase for artwork in collection.split("train") for a in artwork.annotations}
     assert extractor.config.class_names == sorted(phrases) and extractor.config.image_size == 64
     assert cli_main(argv[:-1] + ["--backbone", "resnet18"]) == 2
     assert "unknown backbone 'resnet18'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without a GPU says")
+def test_train_detector_on_cuda_without_a_gpu_is_one_clear_error_not_a_cpu_run(tmp_path, capsys):
+    collection = make_collection(tmp_path / "tiny", n=4)
+    out = tmp_path / "d.pt"
+    argv = ["train-detector", "--collection", str(collection.root), "--out", str(out), "--epochs", "1",
+            "--image-size", "64", "--batch-size", "2", "--workers", "0", "--device", "cuda"]
+    assert cli_main(argv) == 2
+    assert "--device cuda, but no CUDA device is available" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_bench_training_times_detector_and_scan_steps_on_each_device(tmp_path, capsys):
+    collection = make_collection(tmp_path / "tiny", n=4)
+    report_path = tmp_path / "training.json"
+    argv = ["bench", "training", "--collection", str(collection.root), "--steps", "1", "--batch-size", "2",
+            "--detectors", "compact_fpn@64", "--scan-batch", "4", "--json", str(report_path)]
+    assert cli_main(argv) == 0
+    report = json.loads(report_path.read_text())
+    devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    assert [(r["setup"], r["device"]) for r in report["rows"]] == [
+        (setup, device) for setup in ("compact_fpn@64", "scan b4") for device in devices]
+    for row in report["rows"]:
+        assert row["ms_per_step"] > 0 and row["unit"] == ("images" if row["setup"] != "scan b4" else "pairs")
+        assert row["items_per_s"] == pytest.approx(1000 * (2 if row["unit"] == "images" else 4)
+                                                   / row["ms_per_step"], rel=0.01)
+    assert [r["speed_vs_cpu"] for r in report["rows"] if r["device"] == "cpu"] == [1.0, 1.0]
+    assert "vs CPU" in capsys.readouterr().out
+    assert cli_main(argv[:-2] + ["--batch-size", "5"]) == 2  # 3 train images for a batch of 5
+    assert "needs 5 annotated train images, has 3" in capsys.readouterr().err
+    assert cli_main(argv + ["--steps", "0"]) == 2
+    assert "--steps must be at least 1" in capsys.readouterr().err
 
 
 # -- the pretrained backbone ----------------------------------------------------------------

@@ -239,6 +239,7 @@ class TrainOptions:
     workers: int = 1
     seed: int = 0
     threads: int = 0  # torch CPU threads; 0 keeps torch's default (one per core)
+    device: str = "cpu"  # where the model trains and validates ("cuda" for a GPU)
     pretrained_lr_scale: float = 0.1  # a pretrained backbone's learning rate, relative
 
 
@@ -340,6 +341,8 @@ def train_detector(
         record["init"] = start.sha256
         log.info("starting from %s: %d tensors loaded, %d new (%s)", init, len(fitting), len(fresh),
                  ", ".join(fresh[:4]) + (" ..." if len(fresh) > 4 else ""))
+    device = torch.device(options.device)
+    model.to(device)
     dataset = DetectionDataset(collection, train, config, augment=True)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=options.batch_size, shuffle=True, drop_last=len(train) > options.batch_size,
@@ -376,7 +379,8 @@ def train_detector(
                 break
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(session_step, seconds) * group["lr_scale"]
-            loss_parts = model([s.image for s in batch], [dataset.target(s) for s in batch])
+            loss_parts = model([s.image.to(device) for s in batch],
+                               [{k: v.to(device) for k, v in dataset.target(s).items()} for s in batch])
             loss = sum(loss_parts.values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -400,7 +404,7 @@ def train_detector(
                      record["epochs"] + 1, options.minutes, len(losses), len(loader))
         record["epochs"] += 1
         record["seconds"] = time.monotonic() - started
-        extractor = RegionExtractor(model, config, version="training")
+        extractor = RegionExtractor(model, config, version="training", device=device)
         metrics = (evaluate_detector(extractor, collection, val, progress=progress) if val
                    else {"map": float("nan"), "box_recall": float("nan")})
         entry = {
@@ -417,7 +421,7 @@ def train_detector(
             record.update(best_epoch=entry["epoch"], val_map50=metrics["map"], val_box_recall=metrics["box_recall"])
         record.update(
             val_images=len(val), train_images=len(train), backbone=config.backbone, image_size=config.image_size,
-            batch_size=options.batch_size, threads=torch.get_num_threads(),
+            batch_size=options.batch_size, threads=torch.get_num_threads(), device=device.type,
         )
         state_dict = model.state_dict()
         save_checkpoint(resume_path, kind=CHECKPOINT_KIND, config=config.to_dict(), state_dict=state_dict,
@@ -429,17 +433,18 @@ def train_detector(
                  entry["loss"], metrics["map"], metrics["box_recall"], record["seconds"],
                  f"best so far, saved {out} ({sha[:12]})" if best else
                  f"not better than epoch {record['best_epoch']} ({record['val_map50']:.3f}), {out} kept")
-    _test_best(collection, out, record, progress)
+    _test_best(collection, out, record, progress, device)
     return record
 
 
-def _test_best(collection: Collection, out: str | Path, record: dict[str, Any], progress: bool) -> None:
+def _test_best(collection: Collection, out: str | Path, record: dict[str, Any], progress: bool,
+               device: torch.device) -> None:
     """Add the best epoch's test mAP@0.5 and box recall to ``record`` (when there is a test split)."""
     test = [a for a in collection.split("test") if a.annotations]
     if not test or not Path(out).is_file():
         log.info("no annotated test split in %s: no test mAP", collection.root)
         return
-    metrics = evaluate_detector(RegionExtractor.from_checkpoint(out), collection, test, progress=progress)
+    metrics = evaluate_detector(RegionExtractor.from_checkpoint(out, device), collection, test, progress=progress)
     record.update(test_map50=metrics["map"], test_box_recall=metrics["box_recall"], test_images=len(test))
     log.info("best epoch %s on %d test images: mAP@0.5 %.3f, box recall %.3f", record.get("best_epoch"),
              len(test), metrics["map"], metrics["box_recall"])

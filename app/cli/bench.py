@@ -19,6 +19,8 @@ BENCHMARKS = [
      "two-stage search (FAISS top-K, then cross attention) vs scoring every fragment"),
     ("extract", "bench.extract",
      "region-extraction throughput per detector backbone, on the same images"),
+    ("training", "bench.training",
+     "training speed, CPU against GPU side by side: detector steps and SCAN steps"),
     ("ray-extract", "bench.ray_extract",
      "region extraction: the local path vs the Ray path, plus the per-image sizes for scaling"),
     ("text", "bench.text",

@@ -75,6 +75,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="start from this detector checkpoint's weights (a new run; its backbone "
                             "and sizes win over the options above, new heads start at random)")
     train.add_argument("--workers", type=int, default=1, help="image-loading processes (default %(default)s)")
+    train.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                       help="where to train (default %(default)s: the GPU when there is one)")
     train.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     train.add_argument("--threads", type=int, default=0,
                        help="CPU threads for torch (default: one per core); on a machine shared with "
@@ -159,14 +161,26 @@ def run_train_detector(args: argparse.Namespace) -> int:
     options = TrainOptions(
         minutes=args.minutes, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
         val_images=args.val_images, workers=args.workers, seed=args.seed, threads=args.threads,
+        device=_device(args.device),
     )
     record = train_detector(collection, args.out, config=config, options=options, resume=args.resume,
                             init=args.init, progress=sys.stderr.isatty())
-    summary = {k: record.get(k) for k in ("backbone", "image_size", "epochs", "steps", "seconds", "best_epoch",
+    summary = {k: record.get(k) for k in ("backbone", "image_size", "device", "epochs", "steps", "seconds", "best_epoch",
                                           "val_map50", "val_box_recall", "test_map50", "test_box_recall")
                if k in record}
     print(json.dumps(summary))
     return 0
+
+
+def _device(name: str) -> str:
+    """--device auto|cpu|cuda -> "cpu" or "cuda"; cuda without a GPU is an error, not a fallback."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but no CUDA device is available")
+    return name
 
 
 def run_extract(args: argparse.Namespace) -> int:
@@ -178,11 +192,7 @@ def run_extract(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but no CUDA device is available")
+    device = _device(args.device)
     collection = Collection.load(args.collection)
     if args.torchvision_backbone:
         extractor = RegionExtractor.from_torchvision_weights(args.torchvision_backbone, args.detector, device)
