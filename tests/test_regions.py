@@ -473,7 +473,7 @@ def test_box_recall_counts_annotation_boxes_an_extracted_region_covers(tmp_path)
 # -- the extract command --------------------------------------------------------------------
 
 
-def test_extract_command_writes_every_artwork_and_resumes(tmp_path, monkeypatch, capsys):
+def test_extract_command_writes_every_artwork_and_resumes(tmp_path, monkeypatch, capsys, caplog):
     collection = make_collection(tmp_path / "tiny", n=5)
     extractor = tiny_extractor()
     detector = tmp_path / "detector.pt"
@@ -496,8 +496,12 @@ def test_extract_command_writes_every_artwork_and_resumes(tmp_path, monkeypatch,
     assert cli_main(argv) == 130
     assert FeatureStore(collection.root / "features").keys() == ["a0", "a1"]
     monkeypatch.setattr(RegionExtractor, "extract", real_extract)
-    assert cli_main(argv) == 0
-    capsys.readouterr()
+    with caplog.at_level("INFO", logger="training.extract"):
+        assert cli_main(argv) == 0
+    # Not a terminal (pytest captures stderr): log lines at every tenth instead of a bar.
+    assert "extracting:" not in capsys.readouterr().err
+    assert [r.getMessage().split(",")[0] for r in caplog.records if r.getMessage().startswith("extracted ")] == [
+        "extracted 1 of 3 images", "extracted 2 of 3 images", "extracted 3 of 3 images"]
 
     store = FeatureStore(collection.root / "features")
     assert store.keys() == [f"a{i}" for i in range(5)] and store.extractor == sha

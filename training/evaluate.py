@@ -26,6 +26,7 @@ image), SCAN's protocol. Fine grain:
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -59,7 +60,7 @@ class Scores:
 
 
 @torch.no_grad()
-def score(encoder: Encoder, data: AlignmentData, *, chunk: int = 256, progress: bool = True) -> Scores:
+def score(encoder: Encoder, data: AlignmentData, *, chunk: int = 256, progress: bool | None = None) -> Scores:
     """SCAN and pooled scores of every fragment of ``data`` against every text of ``data``.
 
     Texts are encoded once; fragments in chunks of ``chunk``, sorted by region count so that
@@ -73,6 +74,7 @@ def score(encoder: Encoder, data: AlignmentData, *, chunk: int = 256, progress: 
     scan = torch.empty(n, len(data.texts))
     cosine = torch.empty(n, len(data.texts))
     order = np.argsort([len(rows) for rows in data.fragment_rows], kind="stable")
+    progress = sys.stderr.isatty() if progress is None else progress  # no bars in a log file
     for start in tqdm(range(0, n, chunk), desc="scoring fragments", unit="chunk",
                       disable=not progress, leave=False):
         members = order[start:start + chunk]

@@ -12,6 +12,8 @@ numpy, torch and tqdm are imported inside the functions: `artalign --help` impor
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -59,7 +61,8 @@ def extract_collection(
     shard_records: int = SHARD_RECORDS, progress: bool = True,
 ) -> dict[str, int]:
     """Append every artwork of ``collection`` not yet in ``store``; returns counts
-    (``extracted``, ``already_present``, ``unreadable``, ``rows``).
+    (``extracted``, ``already_present``, ``unreadable``, ``rows``). ``progress``: a bar;
+    without it, a log line at every tenth of the work (for a log file).
 
     An image that cannot be decoded is logged and skipped (the run goes on; rerunning tries
     it again). Records are appended in shards of ``shard_records`` artworks.
@@ -72,6 +75,7 @@ def extract_collection(
     log.info("extracting %d artworks (%d already in %s)", len(todo), present, store.root)
     pending: list[tuple[str, RegionRecord]] = []
     counts = {"extracted": 0, "already_present": present, "unreadable": 0, "rows": 0}
+    started, next_report = time.monotonic(), 0.1
     with tqdm(total=len(todo), desc="extracting", unit="image", disable=not progress) as bar:
         for start in range(0, len(todo), batch_size):
             chunk, images = [], []
@@ -85,6 +89,12 @@ def extract_collection(
             records = extractor.extract(images, extra_boxes=[annotation_boxes(a) for a in chunk])
             pending.extend((artwork.id, record) for artwork, record in zip(chunk, records, strict=True))
             bar.update(len(todo[start : start + batch_size]))
+            done = min(len(todo), start + batch_size)
+            if not progress and done >= next_report * len(todo):
+                seconds = time.monotonic() - started
+                log.info("extracted %d of %d images, %.0f s, %.2f images/s", done, len(todo), seconds,
+                         done / max(seconds, 1e-9))
+                next_report = math.floor(10 * done / len(todo) + 1) / 10
             if len(pending) >= shard_records:
                 counts["rows"] += append_shard(store, pending)
                 counts["extracted"] += len(pending)

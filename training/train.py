@@ -21,6 +21,7 @@ import csv
 import io
 import logging
 import random
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
@@ -252,7 +253,9 @@ def _train_epoch(model: SCAN, optimizer: torch.optim.Optimizer, options: TrainOp
     model.config.max_violation = options.max_violation and epoch > options.warmup_epochs
     sums = {"loss": 0.0, "xattn_loss": 0.0, "pooled_loss": 0.0}
     steps = 0
-    progress = tqdm(epoch_batches, unit="batch", total=n_steps, desc=f"epoch {epoch}/{options.epochs}")
+    # A bar on a terminal only: in a log file the epoch's summary line (train) says what happened.
+    progress = tqdm(epoch_batches, unit="batch", total=n_steps, desc=f"epoch {epoch}/{options.epochs}",
+                    disable=not sys.stderr.isatty())
     for batch in progress:
         losses = batch_losses(model, batch, device)
         optimizer.zero_grad(set_to_none=True)

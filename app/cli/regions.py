@@ -211,6 +211,6 @@ def run_extract(args: argparse.Namespace) -> int:
         raise ValueError("--address and --concurrency only apply to --engine ray")
     else:
         counts = extract_collection(collection, extractor, store, batch_size=args.batch_size,
-                                    shard_records=SHARD_RECORDS)
+                                    shard_records=SHARD_RECORDS, progress=sys.stderr.isatty())
     print(json.dumps({"store": str(store.root), **counts}))
     return 0
