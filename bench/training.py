@@ -57,9 +57,9 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
     devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
     setups: list[tuple[str, str, Callable[[str], Callable[[], None]]]] = []
     if options.detectors:
-        samples = _detector_samples(options.collection, options.batch_size)
+        batch = _detector_batch(options.collection, options.batch_size)
         for setup in options.detectors:
-            setups.append((setup, "images", lambda device, setup=setup: _detector_step(setup, samples, device)))
+            setups.append((setup, "images", lambda device, setup=setup: _detector_step(setup, *batch, device)))
     if options.scan_batch:
         setups.append((f"scan b{options.scan_batch}", "pairs",
                        lambda device: _scan_step(options.scan_batch, device)))
@@ -106,18 +106,19 @@ def _time_steps(step: Callable[[], None], steps: int, device: str) -> float:
     return 1000 * (time.perf_counter() - started) / steps
 
 
-def _detector_samples(root: Path, batch_size: int) -> list[tuple[Any, dict[str, Any]]]:
-    """One batch of (image, target) at full size: resized per setup in _detector_step."""
+def _detector_batch(root: Path, batch_size: int) -> tuple[Any, list[Any]]:
+    """(collection, its first ``batch_size`` annotated train artworks): the batch every
+    detector row trains on, resized to each setup's size in _detector_step."""
     from collection.layout import Collection
 
     collection = Collection.load(root)
     artworks = [a for a in collection.split("train") if a.annotations][:batch_size]
     if len(artworks) < batch_size:
         raise ValueError(f"{root}: needs {batch_size} annotated train images, has {len(artworks)}")
-    return [(collection, artwork) for artwork in artworks]
+    return collection, artworks
 
 
-def _detector_step(setup: str, samples: list, device: str) -> Callable[[], None]:
+def _detector_step(setup: str, collection: Any, artworks: list[Any], device: str) -> Callable[[], None]:
     import torch
 
     from models.regions import DetectorConfig, build_detector
@@ -127,7 +128,7 @@ def _detector_step(setup: str, samples: list, device: str) -> Callable[[], None]
     config = DetectorConfig(backbone=backbone, image_size=int(size or 256))
     torch.manual_seed(0)
     model = build_detector(config).to(device).train()
-    dataset = DetectionDataset(samples[0][0], [artwork for _, artwork in samples], config, augment=False)
+    dataset = DetectionDataset(collection, artworks, config, augment=False)
     batch = [dataset[i] for i in range(len(dataset))]
     images = [s.image.to(device) for s in batch]
     targets = [{k: v.to(device) for k, v in dataset.target(s).items()} for s in batch]
