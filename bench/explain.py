@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.report import publish, run_as_main
+from bench.report import add_json_argument, publish, run_as_main
 
 REPO = Path(__file__).resolve().parents[1]
 BIG_ROWS = 10_000  # a table with more rows than this must not be read by a sequential scan
@@ -238,8 +238,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default %(default)s)")
     parser.add_argument("--dir", type=Path, default=Path("var/bench-explain"),
                         help="scratch folder for the data (removed after; default %(default)s)")
-    parser.add_argument("--json", type=Path, default=None, metavar="PATH",
-                        help="also write the JSON report here (atomically)")
+    add_json_argument(parser)
 
 
 def format_table(report: dict[str, Any]) -> str:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.report import publish, run_as_main
+from bench.report import add_json_argument, publish, run_as_main
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time this trained detector checkpoint (may repeat)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; 1 keeps timings steady on a shared machine (default %(default)s)")
-    parser.add_argument("--json", type=Path, default=None, metavar="PATH",
-                        help="also write the JSON report here (atomically)")
+    add_json_argument(parser)
 
 
 def run(options: argparse.Namespace) -> dict[str, Any]:

@@ -24,11 +24,10 @@ import random
 import time
 from collections.abc import Awaitable
 from dataclasses import asdict
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench.load import EndpointResult, load_requests, new_image
-from bench.report import publish, require_positive, run_as_main
+from bench.report import add_json_argument, publish, require_positive, run_as_main
 
 if TYPE_CHECKING:  # asyncio, httpx and PIL load inside the functions: `artalign --help` imports this module
     import httpx
@@ -133,8 +132,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--clients clients, and delete them after (default 0: none)")
     parser.add_argument("--api-key", default=None,
                         help="X-API-Key for --uploads (the one `artalign demo` prints)")
-    parser.add_argument("--json", type=Path, default=None, metavar="PATH",
-                        help="also write the JSON report here (atomically)")
+    add_json_argument(parser)
     from bench import uploads
 
     uploads.add_arguments(parser.add_argument_group(

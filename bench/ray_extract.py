@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench.report import publish, run_as_main
+from bench.report import add_json_argument, publish, run_as_main
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -64,8 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also measure bytes per artwork in PostgreSQL: a server URL such as "
                              "postgresql://postgres@127.0.0.1:5432/postgres (a scratch database "
                              "is created there and dropped)")
-    parser.add_argument("--json", type=Path, default=None, metavar="PATH",
-                        help="also write the results as JSON to PATH")
+    add_json_argument(parser)
 
 
 def make_collection(root: Path, source: Path, count: int) -> tuple[Any, str]:

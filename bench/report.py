@@ -24,6 +24,12 @@ def write_json(path: Path, report: dict[str, Any]) -> None:
     write_json_atomic(path, report, indent=2)
 
 
+def add_json_argument(parser: argparse.ArgumentParser) -> None:
+    """``--json PATH``, the option every benchmark hands to :func:`publish`."""
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH",
+                        help="also write the JSON report here (atomically)")
+
+
 def publish(report: dict[str, Any], table_text: str, json_path: Path | None) -> None:
     """Print the table (for people) and the JSON report (for scripts); write the JSON to
     ``json_path`` too unless it is None."""

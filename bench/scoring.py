@@ -23,10 +23,9 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from bench.report import publish, require_positive, run_as_main
+from bench.report import add_json_argument, publish, require_positive, run_as_main
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for the inputs")
-    parser.add_argument("--json", type=Path, default=None, metavar="PATH",
-                        help="also write the results as JSON to PATH")
+    add_json_argument(parser)
 
 
 def make_inputs(options: argparse.Namespace) -> dict[str, Any]:

@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench.report import publish, require_positive, run_as_main
+from bench.report import add_json_argument, publish, require_positive, run_as_main
 
 if TYPE_CHECKING:  # numpy and torch load inside the functions: `artalign --help` imports this module
     import numpy as np
@@ -90,8 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch and FAISS threads; 1 keeps timings steady on a shared "
                              "machine (default %(default)s)")
-    parser.add_argument("--json", type=Path, default=None, metavar="PATH",
-                        help="also write the JSON report here (atomically)")
+    add_json_argument(parser)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.report import publish, run_as_main
+from bench.report import add_json_argument, publish, run_as_main
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=7, help="tries per figure (default %(default)s)")
     parser.add_argument("--dir", type=Path, default=None,
                         help="where the scratch stores go (default the system's temp folder)")
-    parser.add_argument("--json", type=Path, default=None, metavar="PATH",
-                        help="also write the JSON report here (atomically)")
+    add_json_argument(parser)
 
 
 def _median_ms(seconds: list[float]) -> float:

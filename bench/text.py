@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.report import publish, require_positive, run_as_main
+from bench.report import add_json_argument, publish, require_positive, run_as_main
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the synthetic fine grain)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default %(default)s: the service's per-request budget)")
-    parser.add_argument("--json", type=Path, default=None, metavar="PATH",
-                        help="also write the JSON report here (atomically)")
+    add_json_argument(parser)
 
 
 def _phrases(collection: Path | None) -> list[str]:

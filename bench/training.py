@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.report import publish, require_positive, run_as_main
+from bench.report import add_json_argument, publish, require_positive, run_as_main
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="pairs per SCAN step (default %(default)s, as train); 0 leaves SCAN out")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads; 1 keeps timings steady on a shared machine (default %(default)s)")
-    parser.add_argument("--json", type=Path, default=None, metavar="PATH",
-                        help="also write the JSON report here (atomically)")
+    add_json_argument(parser)
 
 
 def run(options: argparse.Namespace) -> dict[str, Any]:
