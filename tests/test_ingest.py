@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from app.db.models import Annotation, Artwork, ArtworkPhrase, Caption, Fragment, Phrase, Region
 from app.services import artwork_rows
@@ -110,6 +110,29 @@ def test_delete_removes_the_artwork_and_orphan_phrases(ingest, db_session):
     left = counts(db_session)
     assert left["artworks"] == 1 and left["captions"] == 1
     assert left["fragments"] == len(db_session.scalar(select(Artwork)).fragments)
+
+
+def test_delete_costs_one_statement_per_table_not_per_row(ingest, db_session):
+    # A museum deleting thousands of artworks must not pay a statement per region and fragment.
+    ingest(captions=["A red dragon among clouds.", "Two gold birds over a lotus pond."])
+    artwork = db_session.scalar(select(Artwork))
+    rows = len(artwork.regions) + len(artwork.fragments) + len(artwork.captions)
+    db_session.rollback()
+    deletes: list[int] = []  # parameter sets of each DELETE sent
+
+    def on_execute(conn, cursor, statement, parameters, context, executemany):  # noqa: ANN001
+        if statement.lstrip().upper().startswith("DELETE"):
+            deletes.append(len(parameters) if executemany else 1)
+
+    bind = db_session.get_bind()
+    event.listen(bind, "before_cursor_execute", on_execute)
+    try:
+        assert delete_artwork(db_session, external_id="vase-1") is True
+    finally:
+        event.remove(bind, "before_cursor_execute", on_execute)
+    # the five owned tables, the artwork, its orphan phrases
+    assert rows > len(artwork_rows.OWNED) + 2 and sum(deletes) <= len(artwork_rows.OWNED) + 2
+    assert all(n == 0 for n in counts(db_session).values())
 
 
 def test_a_failure_after_the_store_append_leaves_no_partial_artwork(ingest, db_session, store,

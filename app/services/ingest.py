@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from PIL import Image
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from app.db.models import Artwork
@@ -35,6 +35,7 @@ from app.services.artwork_rows import (
     AnnotationIn,
     ArtworkContent,
     StoredRegions,
+    delete_owned_rows,
     drop_orphan_phrases,
     write_rows,
 )
@@ -189,8 +190,9 @@ def delete_artwork(session: Session, *, external_id: str, indexes: Indexes | Non
     change = IndexChange(removed_fragments=[f.id for f in artwork.fragments])
     phrase_ids = [link.phrase_id for link in artwork.phrase_links]
     try:
-        session.delete(artwork)
-        session.flush()
+        delete_owned_rows(session, artwork)
+        session.execute(delete(Artwork).where(Artwork.id == artwork.id))
+        session.expunge(artwork)
         change.removed_phrases = drop_orphan_phrases(session, phrase_ids)
         record_change(session, change)
         session.commit()
