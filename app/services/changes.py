@@ -34,6 +34,7 @@ from app.db.models import IndexChangeRow, IndexLogHorizon
 
 # pg_advisory_xact_lock key of the log's writers (any constant: it names this lock only).
 LOG_LOCK_KEY = 0x61727461  # "arta"
+PRUNE_CHUNK = 10_000  # log rows deleted per transaction by prune()
 
 
 @dataclass
@@ -117,16 +118,29 @@ def pruned_past(session: Session, position: int, entries: Sequence[LogEntry]) ->
     return horizon if horizon > position else 0
 
 
-def prune(session: Session, before: int) -> int:
-    """Delete the log's rows with an id at or below ``before`` and raise the horizon to
-    ``before`` (it never goes down), in one transaction that this commits; returns how many
-    rows were deleted. An index still below ``before`` rebuilds at its next catch-up."""
-    deleted = session.execute(delete(IndexChangeRow).where(IndexChangeRow.id <= before)).rowcount
+def prune(session: Session, before: int, chunk: int = PRUNE_CHUNK) -> int:
+    """Delete the log's rows with an id at or below ``before``, ``chunk`` rows per committed
+    transaction, after raising the horizon to ``before`` (it never goes down); returns how
+    many rows were deleted. In chunks, a first prune behind a bulk import of millions of
+    changes holds no lock for long (on SQLite, the one write lock every upload waits for).
+    The horizon is committed first, so a reader that finds rows gone past its position also
+    finds the horizon, and rebuilds; rows that a crash leaves behind go with the next prune.
+    An index still below ``before`` rebuilds at its next catch-up."""
     session.execute(update(IndexLogHorizon).where(IndexLogHorizon.id == 1,
                                                   IndexLogHorizon.pruned_through < before)
                     .values(pruned_through=before))
     session.commit()
-    return int(deleted or 0)
+    deleted = 0
+    while True:
+        oldest = (select(IndexChangeRow.id).where(IndexChangeRow.id <= before)
+                  .order_by(IndexChangeRow.id).limit(chunk))
+        count = int(session.execute(delete(IndexChangeRow)
+                                    .where(IndexChangeRow.id.in_(oldest.scalar_subquery())))
+                    .rowcount or 0)
+        session.commit()
+        deleted += count
+        if count < chunk:
+            return deleted
 
 
 def read_changes(session: Session, after: int, limit: int) -> list[LogEntry]:
