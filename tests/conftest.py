@@ -171,6 +171,26 @@ def tiny_extractor(tiny_checkpoints: TinyCheckpoints):  # noqa: ANN201 (torch im
     return RegionExtractor.from_checkpoint(tiny_checkpoints.detector)
 
 
+@contextmanager
+def deletes_sent(session) -> Iterator[list[int]]:  # noqa: ANN001 (sqlalchemy imported lazily)
+    """The DELETE statements ``session``'s engine sends inside the block: one item each, the
+    number of parameter sets it carries (an executemany carries one per row)."""
+    from sqlalchemy import event
+
+    sent: list[int] = []
+
+    def on_execute(conn, cursor, statement, parameters, context, executemany):  # noqa: ANN001
+        if statement.lstrip().upper().startswith("DELETE"):
+            sent.append(len(parameters) if executemany else 1)
+
+    bind = session.get_bind()
+    event.listen(bind, "before_cursor_execute", on_execute)
+    try:
+        yield sent
+    finally:
+        event.remove(bind, "before_cursor_execute", on_execute)
+
+
 def image_bytes(seed: int, size: tuple[int, int] = (64, 48), fmt: str = "PNG") -> bytes:
     """A small generated image: coloured rectangles on noise, different for every seed."""
     import io

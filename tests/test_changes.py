@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy import event, func, select
+from sqlalchemy import func, select
 
 from app.db.models import Fragment, IndexBuild, IndexChangeRow, Phrase
 from app.db.session import create_db_engine, session_factory
@@ -18,7 +18,7 @@ from app.services.ingest import delete_artwork, ingest_artwork
 from index.featurestore import FeatureStore
 from models.encoder import Encoder
 from models.scan import load_scan
-from tests.conftest import image_bytes
+from tests.conftest import deletes_sent, image_bytes
 from tests.test_api import WRITE, artwork_form, make_settings, pg_database, start
 
 
@@ -195,18 +195,8 @@ def test_prune_deletes_only_the_rows_up_to_before_and_records_the_horizon(sessio
         assert changes.pruned_past(session, ids[0], entries) == ids[2]
         assert changes.pruned_past(session, ids[-1], []) == 0
         # In chunks, each its own transaction: two rows one at a time are three DELETEs.
-        deletes: list[str] = []
-
-        def on_execute(conn, cursor, statement, parameters, context, executemany):  # noqa: ANN001
-            if statement.lstrip().upper().startswith("DELETE"):
-                deletes.append(statement)
-
-        bind = session.get_bind()
-        event.listen(bind, "before_cursor_execute", on_execute)
-        try:
+        with deletes_sent(session) as deletes:
             assert changes.prune(session, ids[4], chunk=1) == 2
-        finally:
-            event.remove(bind, "before_cursor_execute", on_execute)
         assert len(deletes) == 3 and changes.pruned_through(session) == ids[4]
         assert session.scalars(select(IndexChangeRow.id)).all() == []
 

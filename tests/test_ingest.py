@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sqlalchemy import event, func, select
+from sqlalchemy import func, select
 
 from app.db.models import Annotation, Artwork, ArtworkPhrase, Caption, Fragment, Phrase, Region
 from app.services import artwork_rows
@@ -14,7 +14,7 @@ from app.services.ingest import delete_artwork, ingest_artwork
 from collection.images import ImageError
 from index.featurestore import FeatureStore
 from index.fragments import fragments_of
-from tests.conftest import image_bytes
+from tests.conftest import deletes_sent, image_bytes
 
 TABLES = (Artwork, Caption, Phrase, ArtworkPhrase, Region, Fragment, Annotation)
 
@@ -118,18 +118,8 @@ def test_delete_costs_one_statement_per_table_not_per_row(ingest, db_session):
     artwork = db_session.scalar(select(Artwork))
     rows = len(artwork.regions) + len(artwork.fragments) + len(artwork.captions)
     db_session.rollback()
-    deletes: list[int] = []  # parameter sets of each DELETE sent
-
-    def on_execute(conn, cursor, statement, parameters, context, executemany):  # noqa: ANN001
-        if statement.lstrip().upper().startswith("DELETE"):
-            deletes.append(len(parameters) if executemany else 1)
-
-    bind = db_session.get_bind()
-    event.listen(bind, "before_cursor_execute", on_execute)
-    try:
+    with deletes_sent(db_session) as deletes:  # parameter sets of each DELETE sent
         assert delete_artwork(db_session, external_id="vase-1") is True
-    finally:
-        event.remove(bind, "before_cursor_execute", on_execute)
     # the five owned tables, the artwork, its orphan phrases
     assert rows > len(artwork_rows.OWNED) + 2 and sum(deletes) <= len(artwork_rows.OWNED) + 2
     assert all(n == 0 for n in counts(db_session).values())
