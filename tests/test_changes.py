@@ -87,6 +87,36 @@ def test_a_replica_catches_up_with_what_another_process_committed(
     assert not replica.save_snapshot()  # a replica that shares the folder never writes it
 
 
+def test_lag_is_measured_on_the_database_clock_whatever_the_writer_host_thinks(
+        pg_url, tiny_checkpoints, tiny_extractor, tmp_path, monkeypatch):
+    """Writers and replicas on several hosts share one PostgreSQL server: the log's stamps and
+    the lag are read off the server's clock, so a writer whose clock is an hour slow does not
+    make every replica report an hour of lag."""
+    from datetime import datetime, timedelta
+
+    class SlowClock(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.now(tz) - timedelta(hours=1)
+
+    database = create_db_engine(pg_url)
+    sessions = session_factory(database)
+    writer = make_indexes(tiny_checkpoints, tiny_extractor, tmp_path)
+    replica = make_indexes(tiny_checkpoints, tiny_extractor, tmp_path, snapshots=False)
+    with sessions() as session, sessions() as other:
+        writer.start(session)
+        replica.start(other)
+        with monkeypatch.context() as clock:
+            clock.setattr(changes, "datetime", SlowClock)  # the writer's host
+            ingest(session, writer, tiny_extractor, tmp_path, "a-0", 10)
+        lag = replica.lag(other)
+        assert lag.changes == 1
+        assert 0 <= lag.seconds < 60
+        stamp = changes.read_changes(other, 0, 1)[0].created_at
+        assert abs((stamp - datetime.now(stamp.tzinfo)).total_seconds()) < 60
+    database.dispose()
+
+
 def test_a_replay_with_an_artwork_added_and_deleted_leaves_no_trace(
         sessions, tiny_checkpoints, tiny_extractor, tmp_path):
     first = make_indexes(tiny_checkpoints, tiny_extractor, tmp_path)

@@ -87,14 +87,21 @@ def record_change(session: Session, change: IndexChange) -> None:
     An empty change writes nothing."""
     if not change:
         return
-    if session.get_bind().dialect.name == "postgresql":
+    postgres = _on_postgres(session)
+    if postgres:
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": LOG_LOCK_KEY})
     session.add(IndexChangeRow(
         added_fragments=list(change.added_fragments), removed_fragments=list(change.removed_fragments),
         added_phrases=list(change.added_phrases), removed_phrases=list(change.removed_phrases),
-        created_at=datetime.now(UTC),
+        # the server's clock on PostgreSQL, so writers on hosts whose clocks disagree still
+        # stamp the log in one time, the one lag() measures against
+        created_at=func.clock_timestamp() if postgres else datetime.now(UTC),
     ))
     session.flush()
+
+
+def _on_postgres(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
 
 
 def latest_position(session: Session) -> int:
@@ -169,10 +176,15 @@ def lag(session: Session, applied: int) -> Lag:
         return Lag(applied, latest, 0, 0.0)
     behind = session.scalar(select(func.count()).select_from(IndexChangeRow)
                             .where(IndexChangeRow.id > applied))
-    oldest = session.scalar(select(IndexChangeRow.created_at).where(IndexChangeRow.id > applied)
-                            .order_by(IndexChangeRow.id).limit(1))
-    seconds = (datetime.now(UTC) - as_utc(oldest)).total_seconds() if oldest is not None else 0.0
-    return Lag(applied, latest, int(behind or 0), max(0.0, seconds))
+    oldest = (select(IndexChangeRow.created_at).where(IndexChangeRow.id > applied)
+              .order_by(IndexChangeRow.id).limit(1))
+    if _on_postgres(session):  # the clock that stamped the row: no skew between hosts
+        seconds = session.scalar(select(func.extract(
+            "epoch", func.clock_timestamp() - oldest.scalar_subquery())))
+    else:  # SQLite is embedded: its writers and readers share this host's clock
+        created = session.scalar(oldest)
+        seconds = (datetime.now(UTC) - as_utc(created)).total_seconds() if created is not None else None
+    return Lag(applied, latest, int(behind or 0), max(0.0, float(seconds or 0.0)))
 
 
 def coalesce(entries: Sequence[LogEntry]) -> Coalesced:

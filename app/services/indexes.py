@@ -79,8 +79,9 @@ class Indexes:
         self.position = 0  # the log position both indexes reflect
         self._stamp: str | None = None  # when that change was committed (changes.stamp_of)
         self.saved_position = 0  # the newest snapshot's position (the log is pruned behind it)
-        # batches applied since that snapshot: (last position, first committed at, changes)
-        self._unsaved: list[tuple[int, datetime, int]] = []
+        # batches applied since that snapshot: (last position, time.monotonic() when applied,
+        # changes); this process's own clock, not the log's stamps, which another host wrote
+        self._unsaved: list[tuple[int, float, int]] = []
         self._write_lock = threading.Lock()  # one index writer at a time (updates, rebuilds)
 
     def __getitem__(self, name: str) -> VectorIndex:
@@ -198,7 +199,7 @@ class Indexes:
                 self._apply(session, changes.coalesce(entries))
                 self.position, self._stamp = entries[-1].position, entries[-1].created_at.isoformat()
                 if self.snapshots:  # a process that never saves keeps no account
-                    self._unsaved.append((self.position, entries[0].created_at, len(entries)))
+                    self._unsaved.append((self.position, time.monotonic(), len(entries)))
                 applied += len(entries)
                 if len(entries) < REPLAY_BATCH:
                     break
@@ -260,11 +261,12 @@ class Indexes:
     # -- snapshots ------------------------------------------------------------------------
 
     def unsaved(self) -> tuple[int, float]:
-        """Changes applied since the newest snapshot, and the age in seconds of the oldest."""
+        """Changes applied since the newest snapshot, and how many seconds ago the oldest of
+        them was applied."""
         with self._write_lock:
             count = sum(n for _, _, n in self._unsaved)
             first = self._unsaved[0][1] if self._unsaved else None
-        return count, (datetime.now(UTC) - first).total_seconds() if first else 0.0
+        return count, time.monotonic() - first if first is not None else 0.0
 
     def save_snapshot(self) -> bool:
         """Save both indexes with the log position they reflect, when changes were applied
