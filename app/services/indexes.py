@@ -79,8 +79,7 @@ class Indexes:
         self.position = 0  # the log position both indexes reflect
         self._stamp: str | None = None  # when that change was committed (changes.stamp_of)
         self.saved_position = 0  # the newest snapshot's position (the log is pruned behind it)
-        # batches applied since that snapshot: (last position, time.monotonic() when applied,
-        # changes); this process's own clock, not the log's stamps, which another host wrote
+        # batches applied since that snapshot: (last position, monotonic time applied, changes)
         self._unsaved: list[tuple[int, float, int]] = []
         self._write_lock = threading.Lock()  # one index writer at a time (updates, rebuilds)
 
@@ -261,8 +260,7 @@ class Indexes:
     # -- snapshots ------------------------------------------------------------------------
 
     def unsaved(self) -> tuple[int, float]:
-        """Changes applied since the newest snapshot, and how many seconds ago the oldest of
-        them was applied."""
+        """Changes applied since the newest snapshot, and seconds since the oldest was applied."""
         with self._write_lock:
             count = sum(n for _, _, n in self._unsaved)
             first = self._unsaved[0][1] if self._unsaved else None
