@@ -96,7 +96,8 @@ class DetectorConfig:
     # second ImageNet net adds what MobileNetV2 misses about museum photographs.
     efficientnet_map: bool = False
     # ... read at this size (the longer side, px; ImageNet's 224 by default: a third of the
-    # FLOPs at 384, and what it was measured with), its map then resized to MobileNetV2's cells
+    # FLOPs at 384, and what it was measured with; never enlarged, so a detector below it
+    # shows the net its own input), its map then resized to MobileNetV2's cells
     efficientnet_size: int = 224
 
     def __post_init__(self) -> None:
